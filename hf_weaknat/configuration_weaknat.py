@@ -1,0 +1,175 @@
+# Copyright 2026 The hf_weaknat authors. Licensed under the Apache License, Version 2.0.
+"""Configuration of the CTC non-autoregressive translator with auxiliary weak AR decoders.
+
+Paper: Wang, Zheng and Huang, "Helping the Weak Makes You Strong: Simple Multi-Task Learning Improves
+Non-Autoregressive Translators", EMNLP 2022. Defaults follow the paper's base setup (Appendix A) and its
+released code; every deviation is a documented field.
+"""
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+
+UPSAMPLE_METHODS = ("linear", "repeat")
+WEAK_AR_LOSS_REDUCTIONS = ("mean", "sum")
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh")
+
+
+@strict
+class WeakNATConfig(PreTrainedConfig):
+    r"""
+    Sizes (Transformer base by default, post-LN like the paper's fairseq setup):
+        vocab_size, d_model, encoder_layers, decoder_layers, encoder_attention_heads, decoder_attention_heads,
+        encoder_ffn_dim, decoder_ffn_dim, activation_function, dropout, attention_dropout, activation_dropout,
+        normalize_before (pre-LN when True), scale_embedding (multiply embeddings by sqrt(d_model)), init_std.
+    max_position_embeddings (`int`, defaults to 512):
+        Longest source, in tokens. The decoder has `upsample_ratio * max_position_embeddings` frame positions and
+        the weak AR decoders as many target positions (a CTC target never has more tokens than frames).
+    upsample_ratio (`int`, defaults to 3):
+        Decoder frames per source token: CTC needs more frames than target tokens.
+    upsample_method (`str`, defaults to `"linear"`):
+        `"linear"`: a learned `Linear(d, ratio * d)` of each final encoder state, reshaped into `ratio` frames
+        (the authors' code). `"repeat"`: each encoder state copied `ratio` times.
+    blank_token_id (`int`, defaults to 4):
+        The CTC blank. A real vocabulary entry (the tokenizer's `<blank>`), never the pad id.
+    weak_ar_layers (`int`, defaults to 1):
+        Transformer layers in each auxiliary weak AR decoder ("as weak as possible"). 0 gives the plain CTC baseline.
+    weak_ar_share_parameters (`bool`, defaults to `True`):
+        One weak AR decoder serves every NAR layer (paper Table 3, trick (a)).
+    weak_ar_layer_sample_ratio (`float`, defaults to 0.5):
+        Fraction of NAR decoder layers that get their AR partner in a training step, chosen at random
+        (paper Table 3, trick (b) "layer dropout"); `ceil(ratio * decoder_layers)` layers, at least one.
+    weak_ar_on_encoder (`bool`, defaults to `False`):
+        Also attach a weak AR decoder to the encoder output, as the released code always does (not in the paper's text).
+    weak_ar_loss_reduction (`str`, defaults to `"mean"`):
+        How the AR losses of the decoders used in a step combine: `"mean"` (released code; keeps `nar_loss_weight`
+        meaningful when the number of decoders changes) or `"sum"` (the paper's equation).
+    nar_loss_weight (`float`, defaults to 0.5):
+        The paper's lambda: `loss = lambda * ctc_loss + (1 - lambda) * ar_loss`.
+    label_smoothing (`float`, defaults to 0.1):
+        Label smoothing of the weak AR decoders' cross-entropy.
+    glancing (`bool`, defaults to `False`), glancing_start_ratio (0.5), glancing_end_ratio (0.3), glancing_anneal_steps (300000):
+        Glancing training with CTC (GLAT on the best CTC alignment); the ratio anneals linearly from start to end
+        over `glancing_anneal_steps` optimizer steps, read from the `training_step` passed to `forward`.
+
+    Example:
+    ```python
+    >>> from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration
+    >>> model = WeakNATForConditionalGeneration(WeakNATConfig(vocab_size=8000))
+    ```"""
+
+    model_type = "weaknat"
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_attention_heads": "encoder_attention_heads",
+        "num_hidden_layers": "encoder_layers",
+    }
+
+    # Transformer sizes
+    vocab_size: int = 40000
+    d_model: int = 512
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    encoder_attention_heads: int = 8
+    decoder_attention_heads: int = 8
+    encoder_ffn_dim: int = 2048
+    decoder_ffn_dim: int = 2048
+    activation_function: str = "relu"
+    dropout: float | int = 0.1
+    attention_dropout: float | int = 0.0
+    activation_dropout: float | int = 0.0
+    max_position_embeddings: int = 512
+    normalize_before: bool = False
+    scale_embedding: bool = True
+    init_std: float = 0.02
+    is_encoder_decoder: bool = True
+
+    # CTC
+    upsample_ratio: int = 3
+    upsample_method: str = "linear"
+
+    # Special tokens (the tokenizer's fixed ids) and tying
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    blank_token_id: int = 4
+    tie_word_embeddings: bool = True
+
+    # Weak AR decoders (training only, dropped at export)
+    weak_ar_layers: int = 1
+    weak_ar_share_parameters: bool = True
+    weak_ar_layer_sample_ratio: float | int = 0.5
+    weak_ar_on_encoder: bool = False
+    weak_ar_loss_reduction: str = "mean"
+    nar_loss_weight: float | int = 0.5
+    label_smoothing: float | int = 0.1
+
+    # Glancing training
+    glancing: bool = False
+    glancing_start_ratio: float | int = 0.5
+    glancing_end_ratio: float | int = 0.3
+    glancing_anneal_steps: int = 300000
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._check_values()
+
+    def _check_values(self):
+        """Raise a ValueError naming the field for any value the model cannot be built or trained with."""
+        positive = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+                    "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings",
+                    "upsample_ratio", "glancing_anneal_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"WeakNATConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for heads in ("encoder_attention_heads", "decoder_attention_heads"):
+            if self.d_model % getattr(self, heads):
+                raise ValueError(f"d_model ({self.d_model}) must be divisible by {heads} ({getattr(self, heads)})")
+        unit = ("dropout", "attention_dropout", "activation_dropout", "nar_loss_weight", "glancing_start_ratio",
+                "glancing_end_ratio")
+        for name in unit:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"WeakNATConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"WeakNATConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 < self.weak_ar_layer_sample_ratio <= 1.0:
+            raise ValueError(
+                f"WeakNATConfig.weak_ar_layer_sample_ratio must be in (0, 1], got {self.weak_ar_layer_sample_ratio}"
+            )
+        if self.weak_ar_layers < 0:
+            raise ValueError(f"WeakNATConfig.weak_ar_layers must be >= 0 (0 = plain CTC), got {self.weak_ar_layers}")
+        choices = (("upsample_method", UPSAMPLE_METHODS), ("weak_ar_loss_reduction", WEAK_AR_LOSS_REDUCTIONS),
+                   ("activation_function", ACTIVATIONS))
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"WeakNATConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0 <= self.blank_token_id < self.vocab_size:
+            raise ValueError(f"blank_token_id ({self.blank_token_id}) must be a vocabulary id below {self.vocab_size}")
+        if self.blank_token_id == self.pad_token_id:
+            raise ValueError("blank_token_id must differ from pad_token_id: padding is masked out of the CTC loss")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(f"{name} ({value}) must be a vocabulary id below {self.vocab_size}")
+
+    @property
+    def max_frames(self) -> int:
+        """Longest decoder input: `upsample_ratio` frames per source position."""
+        return self.upsample_ratio * self.max_position_embeddings
+
+    @property
+    def uses_weak_ar(self) -> bool:
+        return self.weak_ar_layers > 0
+
+    def num_weak_ar_partners(self) -> int:
+        """How many NAR decoder layers get their weak AR partner in one training step."""
+        return max(1, math.ceil(self.weak_ar_layer_sample_ratio * self.decoder_layers))
+
+    def glancing_ratio(self, training_step: int | None) -> float:
+        """The glancing ratio at an optimizer step: linear from start to end over `glancing_anneal_steps`."""
+        progress = min(max(training_step or 0, 0) / self.glancing_anneal_steps, 1.0)
+        return self.glancing_start_ratio + (self.glancing_end_ratio - self.glancing_start_ratio) * progress
+
+
+__all__ = ["WeakNATConfig"]

@@ -1,0 +1,288 @@
+"""CTC decoding and alignment utilities, pure torch.
+
+Shapes use the names batch, frames (decoder output positions), vocab and
+tgt_len. This file is shipped as Hugging Face remote code next to the model,
+so it depends on nothing but the standard library and torch.
+"""
+
+import math
+from collections import defaultdict
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def collapse_repeats_and_blanks(frame_ids, frame_mask, blank_id, pad_id):
+    """Turn a frame-level CTC labelling into a token sequence.
+
+    frame_ids: (batch, frames) long; frame_mask: (batch, frames) bool, True = valid.
+    A valid frame is kept if it is not blank and differs from the previous valid
+    frame (so "a a _ a" gives "a a"). Invalid frames are skipped entirely.
+    Returns (batch, out_len) long, right-padded with pad_id; out_len is the
+    largest kept count in the batch (possibly 0).
+    """
+    batch, frames = frame_ids.shape
+    frame_mask = frame_mask.bool()
+    pos = torch.arange(frames, device=frame_ids.device).expand(batch, frames)
+    # index of the previous *valid* frame (-1 if none), so that masked frames
+    # never act as separators even if they are not at the end of the row
+    last_valid = torch.where(frame_mask, pos, torch.full_like(pos, -1)).cummax(dim=1).values
+    prev_idx = torch.cat([torch.full_like(pos[:, :1], -1), last_valid[:, :-1]], dim=1)
+    prev_ids = frame_ids.gather(1, prev_idx.clamp(min=0))
+    keep = frame_mask & (frame_ids != blank_id) & ((prev_idx < 0) | (frame_ids != prev_ids))
+    # a stable sort moves the kept frames to the front, preserving their order
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    kept = frame_ids.gather(1, order)
+    counts = keep.sum(dim=1)
+    out_len = int(counts.max()) if counts.numel() > 0 else 0
+    kept = kept[:, :out_len]
+    return torch.where(pos[:, :out_len] < counts[:, None], kept, torch.full_like(kept, pad_id))
+
+
+def ctc_greedy_decode(logits, frame_mask, blank_id, pad_id):
+    """Best-path decoding: per-frame argmax, then collapse.
+
+    logits: (batch, frames, vocab) (argmax is invariant to log_softmax, so raw
+    logits are fine); frame_mask: (batch, frames) bool.
+    Returns (batch, out_len) long, right-padded with pad_id.
+    """
+    return collapse_repeats_and_blanks(logits.argmax(dim=-1), frame_mask, blank_id, pad_id)
+
+
+def _shift_right(x, k):
+    """(batch, n) -> (batch, n): x[:, s - k], with -inf shifted in on the left."""
+    return torch.cat([torch.full_like(x[:, :k], NEG_INF), x[:, : x.shape[1] - k]], dim=1)
+
+
+@torch.no_grad()
+def ctc_viterbi_align(log_probs, frame_lengths, targets, target_lengths, blank_id):
+    """Most probable CTC alignment of each target onto its valid frames.
+
+    log_probs: (batch, frames, vocab); frame_lengths: (batch,);
+    targets: (batch, tgt_len) right-padded (padding values are ignored);
+    target_lengths: (batch,).
+    Returns (alignment, fits): alignment (batch, frames) long holds, per frame,
+    a target token or blank_id (frames >= frame_lengths[b] are blank), such that
+    collapsing it gives targets[b, :target_lengths[b]] with maximal summed log
+    prob. fits (batch,) bool is False where the target cannot be aligned
+    (too few frames); those rows are all blank.
+    """
+    batch, frames, vocab = log_probs.shape
+    device = log_probs.device
+    tgt_len = targets.shape[1]
+    n_states = 2 * tgt_len + 1
+    # -inf inputs are clamped to a huge finite penalty: every structurally valid
+    # path keeps a finite score, so -inf in the lattice only means "unreachable"
+    lp = log_probs.float().clamp(min=-1e30)
+    frame_lengths = frame_lengths.to(device).long().clamp(0, frames)
+    target_lengths = target_lengths.to(device).long().clamp(0, tgt_len)
+    tgt_pos = torch.arange(tgt_len, device=device)
+    tgt = torch.where(tgt_pos < target_lengths[:, None], targets.to(device).long(), blank_id)
+
+    # extended label sequence: blank, y1, blank, y2, ..., yL, blank
+    ext = torch.full((batch, n_states), blank_id, dtype=torch.long, device=device)
+    ext[:, 1::2] = tgt
+    state_ok = torch.arange(n_states, device=device) < (2 * target_lengths[:, None] + 1)
+    # the +2 skip jumps over a blank; it is only allowed into a token that differs
+    # from the previous token, otherwise the two would merge into one
+    can_skip = torch.zeros_like(state_ok)
+    can_skip[:, 3::2] = ext[:, 3::2] != ext[:, 1:-2:2]
+    emit = lp.gather(2, ext[:, None, :].expand(batch, frames, n_states))  # (batch, frames, n_states)
+
+    # zero frames consumed: only the empty alignment (state 0, score 0) exists
+    alpha = torch.full((batch, n_states), NEG_INF, device=device)
+    alpha[:, 0] = 0.0
+    backptr = torch.zeros((batch, frames, n_states), dtype=torch.long, device=device)
+    if frames > 0:
+        first = torch.full_like(alpha, NEG_INF)
+        first[:, :2] = emit[:, 0, :2]  # a path starts in the leading blank or the first token
+        alpha = torch.where(frame_lengths[:, None] > 0, first.masked_fill(~state_ok, NEG_INF), alpha)
+    for t in range(1, frames):
+        moves = torch.stack(
+            [alpha, _shift_right(alpha, 1), _shift_right(alpha, 2).masked_fill(~can_skip, NEG_INF)], dim=-1
+        )
+        best, step = moves.max(dim=-1)  # step = how many states back the best predecessor is
+        new = (best + emit[:, t]).masked_fill(~state_ok, NEG_INF)
+        # frames past the row's length must not change its lattice
+        alpha = torch.where((t < frame_lengths)[:, None], new, alpha)
+        backptr[:, t] = step
+
+    # a complete path ends in the final blank or the final token
+    end_blank = 2 * target_lengths
+    end_token = (end_blank - 1).clamp(min=0)
+    score_blank = alpha.gather(1, end_blank[:, None]).squeeze(1)
+    score_token = alpha.gather(1, end_token[:, None]).squeeze(1)
+    state = torch.where(score_token > score_blank, end_token, end_blank)
+    # a target needs one frame per token plus one blank between adjacent repeats
+    repeats = ((tgt[:, 1:] == tgt[:, :-1]) & (tgt_pos[1:] < target_lengths[:, None])).sum(dim=1)
+    fits = frame_lengths >= target_lengths + repeats
+
+    rows = torch.arange(batch, device=device)
+    align = torch.full((batch, frames), blank_id, dtype=torch.long, device=device)
+    for t in range(frames - 1, -1, -1):
+        active = t < frame_lengths
+        align[:, t] = torch.where(active, ext[rows, state], blank_id)
+        state = torch.where(active, state - backptr[rows, t, state], state).clamp(min=0)
+    align = torch.where(fits[:, None], align, blank_id)
+    return align, fits
+
+
+def _topk_stable(scores, k):
+    """Top-k of (batch, n) scores, best first, ties broken by lower index.
+
+    torch.topk does not define its tie order; this only does O(n) work on
+    top of it. Returns (values, indices), each (batch, k).
+    """
+    kth = scores.topk(k, dim=1).values[:, -1:]
+    greater = scores > kth
+    equal = scores == kth
+    # take the lowest-index ties until each row has exactly k
+    need = k - greater.sum(dim=1, keepdim=True)
+    chosen = greater | (equal & (equal.cumsum(dim=1) <= need))
+    idx = chosen.nonzero()[:, 1].view(scores.shape[0], k)  # row-major: ascending index
+    vals = scores.gather(1, idx)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return vals.gather(1, order), idx.gather(1, order)
+
+
+@torch.no_grad()
+def ctc_prefix_beam_search(log_probs, frame_lengths, blank_id, pad_id, beam_size, token_candidates=None):
+    """Batched CTC prefix beam search.
+
+    log_probs: (batch, frames, vocab) log-softmaxed; frame_lengths: (batch,).
+    token_candidates: if set, only the top-N non-blank tokens of each frame may
+    extend a prefix (None = all; set it for speed with a large vocab).
+    Returns (prefixes, scores): prefixes (batch, beam_size, out_len) long,
+    best first, right-padded with pad_id;
+    scores (batch, beam_size) = log(p_blank + p_nonblank) of each prefix.
+    Slots without a prefix are all pad_id with score -inf.
+    """
+    batch, frames, vocab = log_probs.shape
+    device = log_probs.device
+    lp = log_probs if log_probs.dtype == torch.float64 else log_probs.float()
+    K = beam_size
+    frame_lengths = frame_lengths.to(device).long().clamp(0, frames)
+    nonblank = torch.cat([torch.arange(blank_id), torch.arange(blank_id + 1, vocab)]).to(device)
+    n_cand = vocab - 1 if token_candidates is None else max(0, min(token_candidates, vocab - 1))
+    pos = torch.arange(frames, device=device)
+
+    # beam state; a prefix never exceeds `frames` tokens. -1 marks "no token".
+    prefixes = torch.full((batch, K, frames), -1, dtype=torch.long, device=device)
+    lengths = torch.zeros((batch, K), dtype=torch.long, device=device)
+    last = torch.full((batch, K), -1, dtype=torch.long, device=device)
+    p_b = torch.full((batch, K), NEG_INF, dtype=lp.dtype, device=device)
+    p_b[:, 0] = 0.0  # the empty prefix; the other slots are dead (-inf)
+    p_nb = torch.full_like(p_b, NEG_INF)
+
+    for t in range(frames):
+        lp_t = lp[:, t]  # (batch, vocab)
+        if token_candidates is None:
+            cand = nonblank.expand(batch, n_cand)
+        else:
+            no_blank = lp_t.clone()
+            no_blank[:, blank_id] = NEG_INF
+            cand = no_blank.topk(n_cand, dim=1).indices  # (batch, n_cand)
+        p_tot = torch.logaddexp(p_b, p_nb)
+        alive = torch.isfinite(p_tot)
+        lp_last = lp_t.gather(1, last.clamp(min=0)).masked_fill(last < 0, NEG_INF)  # (batch, K)
+
+        # "stay": the prefix is unchanged (emit blank, or repeat the last token)
+        stay_b = p_tot + lp_t[:, blank_id, None]
+        stay_nb = p_nb + lp_last
+        # "extend" beam j by token c; a repeat of the last token needs a blank in between
+        ext_base = torch.where(cand[:, None, :] == last[:, :, None], p_b[:, :, None], p_tot[:, :, None])
+        # (topk may return the blank as a tie when tokens have -inf log prob)
+        lp_cand = lp_t.gather(1, cand).masked_fill(cand == blank_id, NEG_INF)
+        ext_nb = ext_base + lp_cand[:, None, :]  # (batch, K, n_cand)
+
+        # extension of beam j by last_k equals beam k's prefix iff j is k's parent:
+        # merge that probability into k's stay and drop the duplicate extension
+        same = (prefixes[:, :, None, :] == prefixes[:, None, :, :]) | (pos >= lengths[:, None, :, None])
+        parent = (  # [b, k, j]
+            same.all(dim=-1)
+            & (lengths[:, :, None] == lengths[:, None, :] + 1)
+            & alive[:, :, None]
+            & alive[:, None, :]
+        )
+        base_kj = torch.where(last[:, :, None] == last[:, None, :], p_b[:, None, :], p_tot[:, None, :])
+        merged = (base_kj + lp_last[:, :, None]).masked_fill(~parent, NEG_INF)  # from lp, even if pruned
+        stay_nb = torch.logaddexp(stay_nb, merged.logsumexp(dim=2))
+        is_last_k = (cand[:, None, :] == last[:, :, None]).to(lp.dtype)  # [b, k, c]
+        dup = torch.bmm(parent.transpose(1, 2).to(lp.dtype), is_last_k) > 0  # [b, j, c]
+        ext_nb = ext_nb.masked_fill(dup, NEG_INF)
+
+        # candidates: K stays, then K * n_cand extensions (beam-major)
+        all_b = torch.cat([stay_b, torch.full_like(ext_nb.flatten(1), NEG_INF)], dim=1)
+        all_nb = torch.cat([stay_nb, ext_nb.flatten(1)], dim=1)
+        all_last = torch.cat([last, cand[:, None, :].expand(batch, K, n_cand).flatten(1)], dim=1)
+        beam_ids = torch.arange(K, device=device)
+        all_src = torch.cat([beam_ids, beam_ids.repeat_interleave(n_cand)]).expand(batch, -1)
+        top, idx = _topk_stable(torch.logaddexp(all_b, all_nb), K)
+        is_ext = idx >= K
+        src = all_src.gather(1, idx)
+        new_last = all_last.gather(1, idx)
+        dead = ~torch.isfinite(top)
+
+        src_len = lengths.gather(1, src)
+        new_pref = prefixes.gather(1, src[:, :, None].expand(batch, K, frames))
+        new_pref = torch.where(is_ext[:, :, None] & (pos == src_len[:, :, None]), new_last[:, :, None], new_pref)
+        new = {
+            "prefixes": new_pref.masked_fill(dead[:, :, None], -1),
+            "lengths": (src_len + is_ext.long()).masked_fill(dead, 0),
+            "last": new_last.masked_fill(dead, -1),
+            "p_b": all_b.gather(1, idx),
+            "p_nb": all_nb.gather(1, idx),
+        }
+        # frames past the row's length must not change its beams
+        active = t < frame_lengths
+        prefixes = torch.where(active[:, None, None], new["prefixes"], prefixes)
+        lengths = torch.where(active[:, None], new["lengths"], lengths)
+        last = torch.where(active[:, None], new["last"], last)
+        p_b = torch.where(active[:, None], new["p_b"], p_b)
+        p_nb = torch.where(active[:, None], new["p_nb"], p_nb)
+
+    scores, order = torch.sort(torch.logaddexp(p_b, p_nb), dim=1, descending=True, stable=True)
+    lengths = lengths.gather(1, order)
+    out_len = int(lengths.max()) if lengths.numel() > 0 else 0
+    out = prefixes.gather(1, order[:, :, None].expand(batch, K, frames))[:, :, :out_len]
+    out = torch.where(pos[:out_len] < lengths[:, :, None], out, torch.full_like(out, pad_id))
+    return out, scores
+
+
+def _logaddexp(a, b):
+    if a == NEG_INF:
+        return b
+    if b == NEG_INF:
+        return a
+    m = max(a, b)
+    return m + math.log(math.exp(a - m) + math.exp(b - m))
+
+
+def ctc_prefix_beam_search_reference(log_probs, blank_id, beam_size, token_candidates=None):
+    """Slow, plain-Python prefix beam search for ONE sentence (dict of prefixes).
+
+    log_probs: (frames, vocab). Returns up to beam_size (prefix, logprob)
+    pairs, best first. Meant for testing ctc_prefix_beam_search. All tokens
+    are tried unless token_candidates is set, which mirrors the batched
+    pruning: other tokens may only extend a prefix into one already in the beam.
+    """
+    beams = {(): (0.0, NEG_INF)}  # prefix -> (log p_blank, log p_nonblank)
+    for row in log_probs.double().tolist():
+        nxt = defaultdict(lambda: [NEG_INF, NEG_INF])
+        allowed = sorted((c for c in range(len(row)) if c != blank_id), key=lambda c: -row[c])
+        allowed = set(allowed if token_candidates is None else allowed[:token_candidates])
+        for prefix, (pb, pnb) in beams.items():
+            total = _logaddexp(pb, pnb)
+            nxt[prefix][0] = _logaddexp(nxt[prefix][0], total + row[blank_id])
+            if prefix:
+                nxt[prefix][1] = _logaddexp(nxt[prefix][1], pnb + row[prefix[-1]])
+            for c, lp_c in enumerate(row):
+                if c == blank_id or (c not in allowed and prefix + (c,) not in beams):
+                    continue
+                base = pb if prefix and c == prefix[-1] else total
+                nxt[prefix + (c,)][1] = _logaddexp(nxt[prefix + (c,)][1], base + lp_c)
+        ranked = sorted(nxt.items(), key=lambda kv: (-_logaddexp(*kv[1]), kv[0]))
+        beams = {p: tuple(s) for p, s in ranked[:beam_size] if _logaddexp(*s) > NEG_INF}
+    ranked = sorted(beams.items(), key=lambda kv: (-_logaddexp(*kv[1]), kv[0]))
+    return [(list(p), _logaddexp(*s)) for p, s in ranked[:beam_size]]

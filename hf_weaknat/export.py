@@ -1,0 +1,81 @@
+# Copyright 2026 The hf_weaknat authors. Licensed under the Apache License, Version 2.0.
+"""Export for the Hub: the NAR translator without its weak AR decoders, loadable with or without this package.
+
+The weak AR decoders only exist to train the NAR decoder (paper Section 3, "Inference"): the export keeps exactly
+the parameters of a plain CTC model of the same size, turns the AR switches off in its config, and ships the
+model, config and pipeline code so `trust_remote_code=True` users need nothing but transformers.
+"""
+
+import copy
+import shutil
+from pathlib import Path
+
+from .configuration_weaknat import WeakNATConfig
+from .modeling_weaknat import WeakNATForConditionalGeneration
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REMOTE_CODE_FILES = ("configuration_weaknat.py", "modeling_weaknat.py", "ctc.py", "pipeline_weaknat.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_weaknat.WeakNATConfig",
+    "AutoModel": "modeling_weaknat.WeakNATModel",
+    "AutoModelForSeq2SeqLM": "modeling_weaknat.WeakNATForConditionalGeneration",
+}
+# One task only, so `pipeline(model=dir, trust_remote_code=True)` can infer it; naming it "translation" lets v4-style
+# `pipeline("translation", model=dir, trust_remote_code=True)` work, since custom tasks bypass the removed-task check.
+CUSTOM_PIPELINES = {
+    "translation": {"impl": "pipeline_weaknat.WeakNATTranslationPipeline", "pt": ["AutoModelForSeq2SeqLM"],
+                    "tf": [], "type": "text"}
+}
+
+
+def inference_config(config: WeakNATConfig) -> WeakNATConfig:
+    """A copy of the config with every training-only AR switch off (no weak AR decoders, no glancing)."""
+    config = copy.deepcopy(config)
+    config.weak_ar_layers = 0
+    config.weak_ar_on_encoder = False
+    config.glancing = False
+    config.architectures = ["WeakNATForConditionalGeneration"]
+    return config
+
+
+def strip_weak_decoders(model: WeakNATForConditionalGeneration) -> WeakNATForConditionalGeneration:
+    """A new model holding the NAR weights of `model` (same values, same dtype) and no weak AR decoders."""
+    nar_state = {k: v for k, v in model.state_dict().items() if not k.startswith("weak_ar.")}
+    exported = WeakNATForConditionalGeneration(inference_config(model.config)).to(model.dtype)
+    exported.load_state_dict(nar_state, strict=True)  # strict: the export has exactly the NAR parameters
+    return exported.eval()
+
+
+def export_for_hub(model: WeakNATForConditionalGeneration, save_directory, tokenizer=None,
+                   max_shard_size="2GB") -> Path:
+    """Write the inference checkpoint to `save_directory` and return its path.
+
+    Holds: config.json (AR off, auto_map, custom_pipelines), model.safetensors (no `weak_ar.*` keys), the remote code
+    files, and the tokenizer when given.
+    """
+    save_directory = Path(save_directory)
+    save_directory.mkdir(parents=True, exist_ok=True)
+    exported = strip_weak_decoders(model)
+    exported.config.auto_map = dict(AUTO_MAP)
+    exported.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
+    exported.save_pretrained(save_directory, max_shard_size=max_shard_size)
+    for name in REMOTE_CODE_FILES:  # flat folder, relative imports only: what transformers' remote code loader expects
+        shutil.copyfile(PACKAGE_DIR / name, save_directory / name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(save_directory)
+    return save_directory
+
+
+def push_export_to_hub(export_directory, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                       commit_message: str = "Upload WeakNAT translator (exported without weak AR decoders)",
+                       revision: str | None = None):
+    """Upload exactly the folder `export_for_hub` wrote (nothing is re-saved on the way)."""
+    from huggingface_hub import HfApi
+
+    export_directory = Path(export_directory)
+    if not (export_directory / "config.json").is_file():
+        raise FileNotFoundError(f"{export_directory} holds no config.json: run export_for_hub first")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(export_directory), commit_message=commit_message,
+                             revision=revision)
