@@ -66,7 +66,7 @@ def ctc_viterbi_align(log_probs, frame_lengths, targets, target_lengths, blank_i
     a target token or blank_id (frames >= frame_lengths[b] are blank), such that
     collapsing it gives targets[b, :target_lengths[b]] with maximal summed log
     prob. fits (batch,) bool is False where the target cannot be aligned
-    (too few frames); those rows are all blank.
+    (too few frames); those rows are all blank. Computed in float32.
     """
     batch, frames, vocab = log_probs.shape
     device = log_probs.device
@@ -93,7 +93,7 @@ def ctc_viterbi_align(log_probs, frame_lengths, targets, target_lengths, blank_i
     # zero frames consumed: only the empty alignment (state 0, score 0) exists
     alpha = torch.full((batch, n_states), NEG_INF, device=device)
     alpha[:, 0] = 0.0
-    backptr = torch.zeros((batch, frames, n_states), dtype=torch.long, device=device)
+    backptr = torch.zeros((batch, frames, n_states), dtype=torch.uint8, device=device)  # 0, 1 or 2
     if frames > 0:
         first = torch.full_like(alpha, NEG_INF)
         first[:, :2] = emit[:, 0, :2]  # a path starts in the leading blank or the first token
@@ -106,7 +106,7 @@ def ctc_viterbi_align(log_probs, frame_lengths, targets, target_lengths, blank_i
         new = (best + emit[:, t]).masked_fill(~state_ok, NEG_INF)
         # frames past the row's length must not change its lattice
         alpha = torch.where((t < frame_lengths)[:, None], new, alpha)
-        backptr[:, t] = step
+        backptr[:, t] = step.to(torch.uint8)
 
     # a complete path ends in the final blank or the final token
     end_blank = 2 * target_lengths
@@ -123,7 +123,7 @@ def ctc_viterbi_align(log_probs, frame_lengths, targets, target_lengths, blank_i
     for t in range(frames - 1, -1, -1):
         active = t < frame_lengths
         align[:, t] = torch.where(active, ext[rows, state], blank_id)
-        state = torch.where(active, state - backptr[rows, t, state], state).clamp(min=0)
+        state = torch.where(active, state - backptr[rows, t, state].long(), state).clamp(min=0)
     align = torch.where(fits[:, None], align, blank_id)
     return align, fits
 
@@ -226,7 +226,8 @@ def ctc_prefix_beam_search(log_probs, frame_lengths, blank_id, pad_id, beam_size
 
         src_len = lengths.gather(1, src)
         new_pref = prefixes.gather(1, src[:, :, None].expand(batch, K, frames))
-        new_pref = torch.where(is_ext[:, :, None] & (pos == src_len[:, :, None]), new_last[:, :, None], new_pref)
+        append_here = is_ext[:, :, None] & (pos == src_len[:, :, None])
+        new_pref = torch.where(append_here, new_last[:, :, None], new_pref)
         new = {
             "prefixes": new_pref.masked_fill(dead[:, :, None], -1),
             "lengths": (src_len + is_ext.long()).masked_fill(dead, 0),
@@ -251,6 +252,7 @@ def ctc_prefix_beam_search(log_probs, frame_lengths, blank_id, pad_id, beam_size
 
 
 def _logaddexp(a, b):
+    """log(exp(a) + exp(b)) for Python floats, exact when either is -inf."""
     if a == NEG_INF:
         return b
     if b == NEG_INF:

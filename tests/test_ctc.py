@@ -69,7 +69,8 @@ def test_collapse_all_blank_row_is_empty_and_nothing_kept_gives_zero_width():
     mask = torch.tensor([[True, True, True], [False, False, False]])
     out = collapse_repeats_and_blanks(ids, mask, BLANK, PAD)
     assert out.shape == (2, 0) and out.dtype == torch.long
-    empty = collapse_repeats_and_blanks(torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, 0, dtype=torch.bool), BLANK, PAD)
+    no_frames = torch.zeros(3, 0, dtype=torch.long)
+    empty = collapse_repeats_and_blanks(no_frames, no_frames.bool(), BLANK, PAD)
     assert empty.shape == (3, 0)
 
 
@@ -157,7 +158,8 @@ def test_viterbi_handles_empty_targets_zero_frames_and_minus_inf_log_probs():
     assert collapse_py(align[1, :2].tolist()) == [2]
     assert (align[2] == BLANK).all()
     # zero-width targets tensor
-    align, fits = ctc_viterbi_align(log_probs, torch.tensor([3, 1, 0]), torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, dtype=torch.long), BLANK)
+    no_targets = torch.zeros(3, 0, dtype=torch.long)
+    align, fits = ctc_viterbi_align(log_probs, torch.tensor([3, 1, 0]), no_targets, torch.zeros(3).long(), BLANK)
     assert fits.all() and (align == BLANK).all()
 
 
@@ -167,7 +169,8 @@ def test_viterbi_handles_empty_targets_zero_frames_and_minus_inf_log_probs():
 def assert_beams_match_reference(prefixes, scores, reference, beam_size):
     got = rows_without_pad(prefixes)
     assert got[: len(reference)] == [p for p, _ in reference]
-    torch.testing.assert_close(scores[: len(reference)].double(), torch.tensor([s for _, s in reference], dtype=torch.float64), atol=1e-4, rtol=1e-5)
+    expected = torch.tensor([s for _, s in reference], dtype=torch.float64)
+    torch.testing.assert_close(scores[: len(reference)].double(), expected, atol=1e-4, rtol=1e-5)
     # slots with no prefix are padding with score -inf
     assert all(p == [] for p in got[len(reference) :])
     assert torch.isneginf(scores[len(reference) :]).all()

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny configs, a small SentencePiece tokenizer and a tiny model that memorised a few real pairs."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration, train_weaknat_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MULTI30K = REPO / "training" / "data" / "multi30k"
+
+
+def tiny_config(**overrides) -> WeakNATConfig:
+    sizes = dict(vocab_size=60, d_model=32, encoder_layers=2, decoder_layers=4, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=24)
+    return WeakNATConfig(**{**sizes, **overrides})
+
+
+def read_lines(name: str, count: int) -> list[str]:
+    with open(MULTI30K / name, encoding="utf-8") as handle:
+        return [next(handle).strip() for _ in range(count)]
+
+
+def pad_batch(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_weaknat_tokenizer(read_lines("train.de", 3000) + read_lines("train.en", 3000), vocab_size=400,
+                                   num_threads=1)
+
+
+@pytest.fixture(scope="session")
+def memorized(tokenizer):
+    """A tiny weak-AR + glancing model trained until it reproduces five real de->en pairs (model, sources, targets)."""
+    de, en = read_lines("train.de", 200), read_lines("train.en", 200)
+    pairs = sorted(zip(de, en), key=lambda p: len(p[0]))[:5]  # the shortest pairs keep the test fast
+    sources, targets = [p[0] for p in pairs], [p[1] for p in pairs]
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=len(tokenizer), d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                         dropout=0.0, glancing=True, glancing_anneal_steps=150)
+    model = WeakNATForConditionalGeneration(config)
+    batch = tokenizer(sources, text_target=targets, padding=True, return_tensors="pt")
+    labels = batch["labels"].masked_fill(batch["labels"] == tokenizer.pad_token_id, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(400):
+        loss = model(batch["input_ids"], batch["attention_mask"], labels=labels, training_step=step).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step >= 150 and step % 25 == 0 and generates(model, tokenizer, sources) == targets:
+            break
+    model.eval()
+    return model, sources, targets
+
+
+def generates(model, tokenizer, sources) -> list[str]:
+    was_training = model.training
+    model.eval()
+    batch = tokenizer(sources, padding=True, return_tensors="pt")
+    texts = tokenizer.batch_decode(model.generate(**batch), skip_special_tokens=True)
+    model.train(was_training)
+    return texts

@@ -1,0 +1,140 @@
+"""Export for the Hub: no weak AR weights, plain-CTC parameter count, bit-identical logits, loads without the package."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors import safe_open
+from transformers import AutoModel, AutoModelForSeq2SeqLM
+
+from hf_weaknat import (WeakNATForConditionalGeneration, WeakNATModel, export_for_hub, push_export_to_hub,
+                        strip_weak_decoders)
+
+
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def exported(memorized, tokenizer, tmp_path_factory):
+    model, sources, targets = memorized
+    directory = export_for_hub(model, tmp_path_factory.mktemp("export"), tokenizer=tokenizer)
+    return directory, model, sources, targets
+
+
+def saved_keys(directory: Path) -> set[str]:
+    keys = set()
+    for shard in directory.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            keys.update(f.keys())
+    return keys
+
+
+def test_exported_checkpoint_has_no_weak_ar_weights_or_active_ar_settings(exported):
+    directory, model, _, _ = exported
+    assert model.weak_ar is not None  # the trained model had them
+    keys = saved_keys(directory)
+    assert keys and not any("weak_ar" in k for k in keys)
+    config = json.loads((directory / "config.json").read_text())
+    assert config["weak_ar_layers"] == 0 and config["glancing"] is False and config["weak_ar_on_encoder"] is False
+
+
+def test_exported_parameter_count_equals_a_plain_ctc_model_of_the_same_size(exported):
+    directory, model, _, _ = exported
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(directory)
+    plain = WeakNATForConditionalGeneration(model.config.__class__(**{**model.config.to_dict(), "weak_ar_layers": 0}))
+    assert count(loaded) == count(plain) < count(model)
+
+
+@pytest.mark.parametrize("auto_class,expected", [(AutoModel, WeakNATModel),
+                                                 (AutoModelForSeq2SeqLM, WeakNATForConditionalGeneration)])
+def test_export_loads_through_auto_classes_without_missing_or_unexpected_keys(exported, auto_class, expected):
+    loaded, info = auto_class.from_pretrained(exported[0], output_loading_info=True)
+    assert type(loaded) is expected
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+def test_exported_logits_are_bit_identical_to_the_training_models_nar_path(exported, tokenizer):
+    directory, model, sources, _ = exported
+    batch = tokenizer(sources, padding=True, return_tensors="pt")
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model.eval()(**batch).logits)
+        assert torch.equal(strip_weak_decoders(model)(**batch).logits, model(**batch).logits)
+    assert loaded.ctc_head.weight.data_ptr() == loaded.model.shared.weight.data_ptr()  # still tied after loading
+
+
+def test_export_ships_remote_code_auto_map_pipeline_and_tokenizer(exported):
+    directory = exported[0]
+    names = {p.name for p in directory.iterdir()}
+    assert {"configuration_weaknat.py", "modeling_weaknat.py", "ctc.py", "pipeline_weaknat.py",
+            "tokenizer.json", "tokenizer_config.json", "config.json"} <= names
+    config = json.loads((directory / "config.json").read_text())
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForSeq2SeqLM"}
+    assert list(config["custom_pipelines"]) == ["translation"]
+
+
+NO_PACKAGE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.modules["hf_weaknat"] = None  # importing the package must be impossible here
+    from transformers import AutoModel, AutoModelForSeq2SeqLM, pipeline
+    directory, sources = sys.argv[1], json.loads(sys.argv[2])
+    seq2seq = AutoModelForSeq2SeqLM.from_pretrained(directory, trust_remote_code=True)
+    base = AutoModel.from_pretrained(directory, trust_remote_code=True)
+    inferred = pipeline(model=directory, trust_remote_code=True)
+    v4_style = pipeline("translation", model=directory, trust_remote_code=True)
+    print(json.dumps({
+        "classes": [type(seq2seq).__module__, type(seq2seq).__name__, type(base).__name__],
+        "inferred": [r["translation_text"] for r in inferred(sources, batch_size=2)],
+        "v4_style": [r["translation_text"] for r in v4_style(sources)],
+    }))
+""")
+
+
+def test_export_translates_with_trust_remote_code_where_the_package_cannot_be_imported(exported):
+    directory, _, sources, targets = exported
+    result = subprocess.run([sys.executable, "-c", NO_PACKAGE_SCRIPT, str(directory), json.dumps(sources)],
+                            capture_output=True, text=True, timeout=300, cwd=directory.parent,
+                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    module, seq2seq_class, base_class = report["classes"]
+    assert module.startswith("transformers_modules.")  # the shipped code, not hf_weaknat
+    assert (seq2seq_class, base_class) == ("WeakNATForConditionalGeneration", "WeakNATModel")
+    assert report["inferred"] == targets and report["v4_style"] == targets
+
+
+def test_push_to_hub_uploads_exactly_the_export_folder(exported, monkeypatch):
+    from huggingface_hub import HfApi
+
+    directory = exported[0]
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("repo", repo_id))
+
+    def fake_upload(self, *, repo_id, folder_path, **kw):
+        calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+        calls["keys"] = saved_keys(Path(folder_path))
+
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload)
+    push_export_to_hub(directory, "someone/weaknat-tiny")
+    assert calls["repo"] == "someone/weaknat-tiny"
+    assert calls["files"] == sorted(p.name for p in directory.iterdir())
+    assert calls["keys"] and not any("weak_ar" in k for k in calls["keys"])
+
+
+def test_push_to_hub_refuses_a_folder_that_is_not_an_export(tmp_path):
+    with pytest.raises(FileNotFoundError, match="export_for_hub"):
+        push_export_to_hub(tmp_path, "someone/x")
+
+
+def test_plain_ctc_model_exports_unchanged(tmp_path):
+    torch.manual_seed(0)
+    model = WeakNATForConditionalGeneration(tiny_config(weak_ar_layers=0)).eval()
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(export_for_hub(model, tmp_path)).eval()
+    ids = torch.tensor([[7, 8, 2]])
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
