@@ -260,9 +260,9 @@ class WeakARDecoder(nn.Module):
         return F.linear(hidden, embed_tokens.weight)
 
 
-def sample_weak_ar_layers(num_layers: int, num_partners: int, device=None) -> list[int]:
+def sample_weak_ar_layers(num_layers: int, num_partners: int) -> list[int]:
     """The NAR layers whose weak AR partner trains this step: a random subset (paper Table 3, "layer dropout")."""
-    return sorted(torch.randperm(num_layers, device="cpu")[:num_partners].tolist())
+    return sorted(torch.randperm(num_layers)[:num_partners].tolist())
 
 
 class WeakARDecoders(nn.Module):
@@ -577,7 +577,7 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel):
             memories.append((cfg.decoder_layers, outputs.encoder_last_hidden_state, attention_mask.bool()))
         return memories
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, input_ids=None, attention_mask=None, num_beams: int = 1, num_return_sequences: int = 1,
                  beam_token_candidates: int | None = None, inputs_embeds=None) -> torch.LongTensor:
         """Translate in one forward pass. Returns right-padded target ids, shape `(batch * num_return_sequences, len)`.
@@ -592,17 +592,21 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel):
                              f"{num_return_sequences}")
         cfg = self.config
         attention_mask = self.model.source_mask(input_ids, attention_mask, inputs_embeds)
-        logits = self(input_ids, attention_mask, inputs_embeds=inputs_embeds, return_dict=True).logits
+        hidden = self.model(input_ids, attention_mask, inputs_embeds, return_dict=True).last_hidden_state
         frame_mask = self.frame_mask(attention_mask)
         if input_ids is not None:  # an empty sentence has no content token: define its translation as empty
             content = attention_mask.bool() & ~torch.isin(input_ids, input_ids.new_tensor(
                 [t for t in (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) if t is not None]))
             frame_mask = frame_mask & content.any(1, keepdim=True)
-        if num_beams == 1:
-            return collapse_repeats_and_blanks(logits.argmax(-1), frame_mask, cfg.blank_token_id, cfg.pad_token_id)
-        sequences, _ = ctc_prefix_beam_search(F.log_softmax(logits.float(), -1), frame_mask.sum(1),
-                                              cfg.blank_token_id, cfg.pad_token_id, num_beams,
-                                              beam_token_candidates or 2 * num_beams)
+        valid_logits = self.ctc_head(hidden[frame_mask])  # (valid frames, vocab): padded frames cost nothing
+        if num_beams == 1:  # argmax needs no softmax
+            frame_ids = torch.full(frame_mask.shape, cfg.blank_token_id, dtype=torch.long, device=hidden.device)
+            frame_ids[frame_mask] = valid_logits.argmax(-1)
+            return collapse_repeats_and_blanks(frame_ids, frame_mask, cfg.blank_token_id, cfg.pad_token_id)
+        log_probs = torch.zeros(*frame_mask.shape, cfg.vocab_size, device=hidden.device)
+        log_probs[frame_mask] = F.log_softmax(valid_logits.float(), -1)
+        sequences, _ = ctc_prefix_beam_search(log_probs, frame_mask.sum(1), cfg.blank_token_id, cfg.pad_token_id,
+                                              num_beams, beam_token_candidates or 2 * num_beams)
         return sequences[:, :num_return_sequences].flatten(0, 1)
 
 
