@@ -18,9 +18,12 @@ from transformers.masking_utils import create_bidirectional_mask, create_causal_
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, ModelOutput, Seq2SeqModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import logging
 
 from .configuration_weaknat import WeakNATConfig
 from .ctc import collapse_repeats_and_blanks, ctc_prefix_beam_search, ctc_viterbi_align
+
+logger = logging.get_logger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -354,8 +357,6 @@ class WeakNATPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
     _no_split_modules = ["WeakNATEncoderLayer", "WeakNATDecoderLayer"]
 
 
@@ -414,6 +415,11 @@ class WeakNATModel(WeakNATPreTrainedModel):
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = cfg.return_dict if return_dict is None else return_dict
+        if output_attentions and cfg._attn_implementation not in (None, "eager"):
+            logger.warning_once(  # as transformers' own sdpa path does: sdpa/flash/flex compute no probabilities
+                f"output_attentions=True needs attn_implementation='eager', but this model uses "
+                f"'{cfg._attn_implementation}': the returned attentions are not attention probabilities (None for "
+                "sdpa). Load it with attn_implementation='eager' or call model.set_attn_implementation('eager').")
         if encoder_outputs is None:
             attention_mask = self.source_mask(input_ids, attention_mask, inputs_embeds)
             inputs_embeds = self.shared(input_ids) if inputs_embeds is None else inputs_embeds

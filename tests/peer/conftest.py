@@ -13,6 +13,8 @@ The guard is the presence of `test_modeling_common.py` next to this directory's 
 rootdir, the cwd and how pytest was invoked, and it needs no file outside tests/peer/.
 """
 
+import json
+import os
 from pathlib import Path
 
 LAID_OUT = (Path(__file__).resolve().parent.parent / "test_modeling_common.py").is_file()
@@ -65,3 +67,24 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     while _added:
         _added.pop().pop("weaknat", None)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """For run_peer_tests.py: pytest's own outcome counts (as on its summary line) and every skip with its reason."""
+    path = os.environ.get("HF_WEAKNAT_PEER_REPORT")
+    if not (LAID_OUT and path):
+        return
+    stats = terminalreporter.stats
+    counts = {key: sum(1 for r in reports if getattr(r, "count_towards_summary", True))
+              for key, reports in stats.items() if key and key != "warnings"}
+    skipped = []
+    for key, reports in stats.items():
+        for report in reports:
+            if getattr(report, "skipped", False) and isinstance(getattr(report, "longrepr", None), tuple):
+                where, line, reason = report.longrepr
+                skipped.append({"test": report.nodeid.rsplit("::", 1)[-1], "where": f"{Path(where).name}:{line}",
+                                "reason": reason.removeprefix("Skipped: "),
+                                "subtest": hasattr(report, "context")})  # pytest's SubtestReport
+    failed = [r.nodeid for key in ("failed", "error") for r in stats.get(key, [])]
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"counts": counts, "skipped": skipped, "failed": failed}, handle, indent=1)
