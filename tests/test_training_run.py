@@ -1,0 +1,242 @@
+"""End to end: train.py runs (tiny model, CPU, offline), survives SIGKILL, runs on 2 processes, exports and pushes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+for path in (REPO, REPO / "training"):  # training/ is a folder of scripts, not a package
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import hf_weaknat  # noqa: E402,F401  (registers the pipeline)
+from checkpoints import MODEL_DIR, STATE_FILE, complete_checkpoints, resolve_checkpoint  # noqa: E402
+from hf_weaknat import WeakNATForConditionalGeneration, train_weaknat_tokenizer  # noqa: E402
+
+DEMO = str(REPO / "training/configs/demo.yaml")
+TRAIN = str(REPO / "training/train.py")
+# The demo recipe shrunk to seconds: a tiny model on 400 pairs, scored on 24 sentences
+TINY = ["--d_model", "32", "--encoder_layers", "1", "--decoder_layers", "2", "--encoder_attention_heads", "2",
+        "--decoder_attention_heads", "2", "--encoder_ffn_dim", "64", "--decoder_ffn_dim", "64",
+        "--max_position_embeddings", "48", "--max_train_samples", "400", "--max_eval_samples", "24",
+        "--max_tokens", "600", "--warmup_steps", "5", "--learning_rate", "3e-3", "--logging_steps", "2"]
+# One thread per process: tiny matrices gain nothing from two, and a busy machine stalls OpenMP thread teams badly
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run(command, timeout=240) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(resolve_checkpoint(run_dir / "checkpoints", "latest") / MODEL_DIR / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A small vocabulary for the runs that do not test tokenizer training (it saves them a few seconds)."""
+    directory = tmp_path_factory.mktemp("tokenizer")
+    corpus = REPO / "training/data/multi30k"
+    lines = [line for name in ("train.de", "train.en") for line in
+             (corpus / name).read_text(encoding="utf-8").splitlines()[:400]]
+    train_weaknat_tokenizer(lines, vocab_size=300, num_threads=2, save_directory=directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo recipe end to end: tokenizer training, validation, checkpoints, export, learning curve."""
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    result = run([sys.executable, TRAIN, DEMO, *TINY, "--max_steps", "12", "--eval_steps", "6", "--save_steps", "6",
+                  "--vocab_size", "300", "--output_dir", str(run_dir)])
+    return run_dir, result.stdout + result.stderr
+
+
+def test_demo_recipe_trains_validates_checkpoints_and_records(demo_run):
+    run_dir, log = demo_run
+    assert (run_dir / "tokenizer/tokenizer.json").is_file()  # trained from the data: the recipe names none
+    stats = json.loads((run_dir / "data_stats.json").read_text())["train_pairs"]
+    assert sum(stats.values()) == 400 and stats["kept"] > 0
+    assert f"Training pairs: {stats['kept']} kept; left out: {stats['source_too_long']} with a source" in log
+    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == ["step-00000006", "step-00000012"]
+    logged = records(run_dir)
+    train = [r for r in logged if r["split"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6, 8, 10, 12]
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 and r["ar_loss"] > 0 for r in train)
+    # inverse-sqrt schedule in optimizer steps: linear warmup to 3e-3 at step 5, then 3e-3 * sqrt(5 / step)
+    assert train[0]["lr"] == pytest.approx(3e-3 * 2 / 5) and train[-1]["lr"] == pytest.approx(3e-3 * (5 / 12) ** 0.5)
+    assert [r["step"] for r in logged if r["split"] == "validation"] == [6, 12]
+    assert "validation loss" in log and "tok:13a" in log  # the signature is printed
+    assert list((run_dir / "logs").rglob("events.out.tfevents.*"))  # TensorBoard tracker
+    assert (run_dir / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    first_test_source = (REPO / "training/data/multi30k/test.de").read_text(encoding="utf-8").splitlines()[0]
+    first_prediction = (run_dir / "predictions-test.txt").read_text().splitlines()[0]
+    assert f"  {first_test_source}\n  -> {first_prediction}\n" in log  # the export translated through the pipeline
+
+
+def test_demo_export_is_the_trained_model_without_weak_ar_and_translates(demo_run):
+    from transformers import pipeline
+
+    run_dir, _ = demo_run
+    export = run_dir / "export"
+    config = json.loads((export / "config.json").read_text())
+    assert config["weak_ar_layers"] == 0 and "auto_map" in config
+    assert not [k for k in load_file(export / "model.safetensors") if k.startswith("weak_ar.")]
+    trained = WeakNATForConditionalGeneration.from_pretrained(run_dir / "checkpoints/step-00000012" / MODEL_DIR)
+    exported = WeakNATForConditionalGeneration.from_pretrained(export)
+    assert trained.weak_ar is not None and exported.weak_ar is None
+    batch = {"input_ids": torch.tensor([[5, 9, 30, 2], [7, 8, 2, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+    torch.testing.assert_close(exported.eval()(**batch).logits, trained.eval()(**batch).logits, rtol=0, atol=0)
+    sources = (REPO / "training/data/multi30k/test.de").read_text(encoding="utf-8").splitlines()[:6]
+    translator = pipeline("weaknat-translation", model=str(export))
+    translations = [t["translation_text"] for t in translator(sources)]
+    assert translations == (run_dir / "predictions-test.txt").read_text().splitlines()[:6]
+    card = ModelCard.load(export / "README.md")
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    scores = json.loads((export / "eval_results.json").read_text())
+    assert results == {"sacrebleu": round(scores["bleu"], 2), "chrf": round(scores["chrf"], 2)}
+    assert scores["split"] == "test" and scores["num_sentences"] == 24
+    assert (export / "learning_curve.png").is_file() and "learning_curve.png" in card.text
+
+
+def test_export_script_averages_and_pushes_exactly_the_export_folder(demo_run, tmp_path, monkeypatch):
+    import average_checkpoints
+    import export
+
+    run_dir, _ = demo_run
+    averaged = average_checkpoints.main(["--run_dir", str(run_dir), "--last", "2"])
+    uploads = []
+
+    class RecordingHfApi:  # stands in for the Hub: records what would be uploaded
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            uploads.append(("create_repo", repo_id))
+
+        def upload_folder(self, repo_id, folder_path, commit_message, revision=None):
+            files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+            uploads.append(("upload_folder", repo_id, files, (Path(folder_path) / "README.md").read_text()))
+
+    monkeypatch.setattr("huggingface_hub.HfApi", RecordingHfApi)
+    export_dir = export.main(["--run_dir", str(run_dir), "--checkpoint", str(averaged), "--push_to_hub",
+                              "someone/weaknat-demo", "--output_dir", str(tmp_path / "export")])
+    assert uploads[0] == ("create_repo", "someone/weaknat-demo")
+    kind, repo, files, readme = uploads[1]
+    assert (kind, repo) == ("upload_folder", "someone/weaknat-demo")
+    for name in ("README.md", "config.json", "model.safetensors", "tokenizer.json", "modeling_weaknat.py",
+                 "configuration_weaknat.py", "pipeline_weaknat.py", "ctc.py", "learning_curve.png"):
+        assert name in files, name
+    assert "model-index" in readme and 'pipeline(model="someone/weaknat-demo"' in readme
+    exported = load_file(export_dir / "model.safetensors")
+    averaged_weights = load_file(averaged / "model.safetensors")
+    assert all(torch.equal(exported[k], averaged_weights[k]) for k in exported)
+
+
+def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(tokenizer_dir, tmp_path):
+    common = [sys.executable, TRAIN, DEMO, *TINY, "--tokenizer_name", str(tokenizer_dir), "--max_steps", "60",
+              "--save_steps", "10", "--eval_steps", "30", "--report_to", "none"]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*common, "--output_dir", str(killed)], cwd=REPO, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not complete_checkpoints(killed / "checkpoints") and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.kill()  # SIGKILL: no cleanup, no final save
+    assert process.wait() == -9, "the run ended before it could be killed mid-training"
+    resumed_from = resolve_checkpoint(killed / "checkpoints", "latest")
+    step = json.loads((resumed_from / STATE_FILE).read_text())["step"]
+    assert step < 60
+    # interrupted saves of a later step: a temp dir, and a dir without trainer_state.json; neither is "latest"
+    shutil.copytree(resumed_from, killed / "checkpoints/.tmp-step-00000070")
+    shutil.copytree(resumed_from, killed / "checkpoints/step-00000080", ignore=shutil.ignore_patterns(STATE_FILE))
+    assert resolve_checkpoint(killed / "checkpoints", "latest") == resumed_from
+
+    result = run([*common, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+    assert f"Resumed from {resumed_from} (step {step}," in result.stdout
+    final = resolve_checkpoint(killed / "checkpoints", "latest")
+    assert json.loads((final / STATE_FILE).read_text())["step"] == 60 and final.name == "step-00000060"
+    steps = [r["step"] for r in records(killed) if r["split"] == "train"]
+    assert steps == list(range(2, 61, 2))  # what the killed run logged after its checkpoint was redone, once
+
+    uninterrupted = tmp_path / "uninterrupted"
+    run([*common, "--output_dir", str(uninterrupted)])
+    expected, got = final_weights(uninterrupted), final_weights(killed)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "resume changed the training trajectory"
+
+
+def test_streaming_run_resumes_mid_epoch_like_an_uninterrupted_run(tokenizer_dir, tmp_path):
+    # also under bf16 autocast and glancing (whose ratio follows the optimizer step)
+    command = [sys.executable, TRAIN, DEMO, *TINY, "--tokenizer_name", str(tokenizer_dir), "--streaming", "true",
+               "--max_steps", "12", "--save_steps", "5", "--eval_steps", "0", "--report_to", "none",
+               "--mixed_precision", "bf16", "--glancing", "true"]
+    full = tmp_path / "full"
+    run([*command, "--output_dir", str(full)])
+    stats = json.loads((full / "data_stats.json").read_text())["train_pairs"]
+    assert sum(stats.values()) > 0 and stats["kept"] > 0  # counted while the stream was read
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("step-00000012", "export"))
+    assert json.loads((resumed / "checkpoints/step-00000010" / STATE_FILE).read_text())["batches_in_epoch"] > 0
+    result = run([*command, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    assert "(step 10," in result.stdout
+    expected, got = final_weights(full), final_weights(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_fresh_run_refuses_a_directory_with_checkpoints(demo_run):
+    import arguments
+    import train
+
+    run_dir, _ = demo_run
+    _, _, train_args = arguments.parse_arguments([DEMO, "--output_dir", str(run_dir)])
+    with pytest.raises(FileExistsError, match="--resume_from_checkpoint latest"):
+        train.resume_checkpoint(run_dir, train_args)
+    train_args.resume_from_checkpoint = "latest"
+    assert train.resume_checkpoint(run_dir, train_args).name == "step-00000012"
+
+
+def test_two_processes_train_save_resume_and_export(tokenizer_dir, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env_cpu = {"ACCELERATE_USE_CPU": "1"}
+    common = [TRAIN, DEMO, *TINY, "--tokenizer_name", str(tokenizer_dir), "--save_steps", "3", "--eval_steps", "3",
+              "--report_to", "none", "--output_dir", str(tmp_path / "ddp"),
+              "--gradient_accumulation_steps", "2",  # gradients all-reduced once per step (no_sync before)
+              "--weak_ar_share_parameters", "false"]  # unshared decoders: DDP must allow unused parameters
+    ENV.update(env_cpu)
+    try:
+        first = run([*launcher, *common, "--max_steps", "6"], timeout=300)
+        assert "2 process(es), DistributedType.MULTI_CPU" in first.stdout
+        checkpoint = resolve_checkpoint(tmp_path / "ddp/checkpoints", "latest")
+        assert checkpoint.name == "step-00000006"
+        assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+        second = run([*launcher, *common, "--max_steps", "10", "--resume_from_checkpoint", "latest"], timeout=300)
+    finally:
+        for key in env_cpu:
+            ENV.pop(key)
+    assert f"Resumed from {checkpoint} (step 6," in second.stdout
+    final = resolve_checkpoint(tmp_path / "ddp/checkpoints", "latest")
+    assert json.loads((final / STATE_FILE).read_text())["step"] == 10
+    assert [r["step"] for r in records(tmp_path / "ddp") if r["split"] == "train"] == [2, 4, 6, 8, 10]
+    exported = WeakNATForConditionalGeneration.from_pretrained(tmp_path / "ddp/export")
+    trained = WeakNATForConditionalGeneration.from_pretrained(final / MODEL_DIR)
+    assert exported.weak_ar is None and len(trained.weak_ar.decoders) == 2  # one per NAR layer, dropped at export
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(tensor, trained.state_dict()[name]), name

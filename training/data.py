@@ -1,0 +1,210 @@
+"""Parallel data through `datasets`: Hub ids or local files, one direction, tokenized with a cached batched map.
+
+Every split comes out with two string columns, `source` and `target`, whatever the input layout:
+- a Hub id (`wmt/wmt14` + config `de-en`, `wmt/wmt16` + `ro-en`, ...) with a `translation` column of
+  `{lang: text}` dicts; the direction is picked by `source_lang`/`target_lang`;
+- a local directory holding, per split, `<split>.<src>` + `<split>.<tgt>` (one sentence per line, aligned),
+  or `<split>.jsonl` / `<split>.parquet` with a `translation` column, or `<split>.tsv` whose header names the
+  two languages.
+Training pairs that cannot train (source too long, target unable to fit the CTC frames) are dropped and counted.
+"""
+
+import csv
+import inspect
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, IterableDataset, load_dataset
+from datasets.fingerprint import Hasher
+
+# Reasons a training pair is left out (stored per example in the `fit` column)
+FITS, SOURCE_TOO_LONG, TARGET_DOES_NOT_FIT = 0, 1, 2
+FILE_BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "tsv": "csv"}
+
+
+def load_split(path: str, split: str, source_lang: str, target_lang: str, *, config: str | None = None,
+               revision: str | None = None, data_dir: str | None = None, streaming: bool = False):
+    """One split as a Dataset (or IterableDataset when streaming) with `source` and `target` columns.
+
+    Returns None when a local directory has no file for the split (e.g. a corpus without a test set).
+    """
+    if Path(path).is_dir():
+        raw = _load_local_split(Path(path), split, source_lang, target_lang, streaming)
+        if raw is None:
+            return None
+    else:  # a Hub id; `revision`/`data_dir` reach e.g. the parquet export of script-based datasets (README)
+        raw = load_dataset(path, config, split=split, revision=revision, data_dir=data_dir, streaming=streaming)
+    if "source" in raw.column_names:
+        return raw
+    return raw.map(_pick_direction, fn_kwargs={"source_lang": source_lang, "target_lang": target_lang},
+                   batched=True, remove_columns=raw.column_names)
+
+
+def _pick_direction(batch, source_lang, target_lang):
+    pairs = batch["translation"]
+    return {"source": [p[source_lang] for p in pairs], "target": [p[target_lang] for p in pairs]}
+
+
+def _load_local_split(directory: Path, split: str, source_lang: str, target_lang: str, streaming: bool):
+    source_file, target_file = directory / f"{split}.{source_lang}", directory / f"{split}.{target_lang}"
+    if source_file.is_file() and target_file.is_file():
+        generate = IterableDataset.from_generator if streaming else Dataset.from_generator
+        # datasets caches generated data by its arguments: the files' size and mtime make an edited file a new entry
+        # (a string: list arguments would be taken as shards)
+        stamp = " ".join(f"{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in (source_file, target_file))
+        return generate(read_two_files, gen_kwargs={"source_file": str(source_file), "target_file": str(target_file),
+                                                    "stamp": stamp})
+    for extension, builder in FILE_BUILDERS.items():
+        data_file = directory / f"{split}.{extension}"
+        if not data_file.is_file():
+            continue
+        if extension == "tsv":  # QUOTE_NONE and no NA parsing: quotes and words like "null" stay text
+            raw = load_dataset("csv", data_files={split: str(data_file)}, split=split, delimiter="\t",
+                               quoting=csv.QUOTE_NONE, keep_default_na=False, streaming=streaming)
+            return raw.rename_columns({source_lang: "source", target_lang: "target"}).select_columns(
+                ["source", "target"])
+        return load_dataset(builder, data_files={split: str(data_file)}, split=split, streaming=streaming)
+    return None
+
+
+def read_two_files(source_file: str, target_file: str, stamp: str = ""):
+    """Yield aligned pairs from two line-aligned text files; a length mismatch is an error, not a silent cut."""
+    with open(source_file, encoding="utf-8") as sources, open(target_file, encoding="utf-8") as targets:
+        try:
+            for source, target in zip(sources, targets, strict=True):
+                yield {"source": source.rstrip("\n"), "target": target.rstrip("\n")}
+        except ValueError as error:  # zip's own message does not say which files
+            raise ValueError(f"{source_file} and {target_file} have different numbers of lines") from error
+
+
+def tokenize_pairs(dataset, tokenizer, upsample_ratio: int, max_source_tokens: int, for_evaluation: bool = False):
+    """Add `input_ids`, `labels`, `length` (the batching cost: longer side) and `fit` (FITS or the reason the pair
+    cannot train) with a batched map.
+
+    The map is cached by `datasets` (fingerprint of data + tokenizer + arguments), so a rerun skips it.
+    Training sets drop the text columns; evaluation sets keep them (references) and truncate sources to the
+    model's positions instead of marking them, so every sentence gets a translation.
+    """
+    kwargs = {}
+    if isinstance(dataset, Dataset):  # a stream is tokenized lazily and never cached
+        kwargs = {"desc": "Tokenizing", "new_fingerprint": Hasher.hash([
+            # datasets hashes an importable function by its name, not its code: without the source, an edited
+            # data.py would silently reuse the old cache
+            dataset._fingerprint, inspect.getsource(_tokenize_batch), inspect.getsource(fit_reason), tokenizer,
+            upsample_ratio, max_source_tokens, for_evaluation])}
+    return dataset.map(_tokenize_batch, batched=True, remove_columns=None if for_evaluation else ["source", "target"],
+                       fn_kwargs={"tokenizer": tokenizer, "upsample_ratio": upsample_ratio,
+                                  "max_source_tokens": max_source_tokens, "truncate": for_evaluation}, **kwargs)
+
+
+def _tokenize_batch(batch, tokenizer, upsample_ratio, max_source_tokens, truncate):
+    source_limit = {"truncation": True, "max_length": max_source_tokens} if truncate else {}
+    target_limit = {"truncation": True, "max_length": upsample_ratio * max_source_tokens} if truncate else {}
+    sources = tokenizer(batch["source"], **source_limit)["input_ids"]
+    targets = tokenizer(batch["target"], **target_limit)["input_ids"]
+    return {"input_ids": sources, "labels": targets, "length": [max(len(s), len(t)) for s, t in zip(sources, targets)],
+            "fit": [fit_reason(s, t, upsample_ratio, max_source_tokens) for s, t in zip(sources, targets)]}
+
+
+def fit_reason(source_ids: list[int], target_ids: list[int], upsample_ratio: int, max_source_tokens: int) -> int:
+    """Why a pair cannot train, or FITS.
+
+    CTC emits a target of n tokens with r adjacent repeats only if it has at least n + r frames (a blank must
+    separate repeats), and the model has `upsample_ratio` frames per source token.
+    """
+    if len(source_ids) > max_source_tokens:
+        return SOURCE_TOO_LONG
+    repeats = sum(a == b for a, b in zip(target_ids, target_ids[1:]))
+    if len(target_ids) + repeats > upsample_ratio * len(source_ids):
+        return TARGET_DOES_NOT_FIT
+    return FITS
+
+
+def drop_unfit_pairs(dataset: Dataset) -> tuple[Dataset, dict[str, int]]:
+    """Filter a tokenized map-style dataset to the trainable pairs; return it with the counts of each reason."""
+    counts = np.bincount(np.asarray(dataset["fit"], dtype=np.int64), minlength=3)
+    kept = dataset.filter(lambda fit: [f == FITS for f in fit], input_columns="fit", batched=True,
+                          desc="Dropping unfit pairs")
+    return kept, {"kept": int(counts[FITS]), "source_too_long": int(counts[SOURCE_TOO_LONG]),
+                  "target_does_not_fit": int(counts[TARGET_DOES_NOT_FIT])}
+
+
+class StreamFilterCounts:
+    """Drops unfit pairs from a stream and counts them as they go by (a stream has no length to count upfront)."""
+
+    def __init__(self):
+        self.counts = {"kept": 0, "source_too_long": 0, "target_does_not_fit": 0}
+
+    def keep(self, fit: int) -> bool:
+        name = {FITS: "kept", SOURCE_TOO_LONG: "source_too_long", TARGET_DOES_NOT_FIT: "target_does_not_fit"}[fit]
+        self.counts[name] += 1
+        return fit == FITS
+
+    def apply(self, stream: IterableDataset) -> IterableDataset:
+        return stream.filter(self.keep, input_columns="fit")
+
+
+def training_texts(dataset, max_stream_pairs: int = 1_000_000):
+    """Yield the source and target lines that train the joint vocabulary (the tokenizer samples from them).
+
+    All pairs of a map-style dataset (big corpora are often ordered by sub-corpus, so a head would be biased);
+    the first `max_stream_pairs` of a stream, which cannot be read twice cheaply.
+    """
+    rows = dataset.iter(batch_size=1000) if isinstance(dataset, Dataset) else dataset.take(max_stream_pairs).iter(1000)
+    for batch in rows:
+        yield from batch["source"]
+        yield from batch["target"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# From the run's arguments (arguments.DataArguments / ModelArguments) to the datasets train.py uses
+
+
+def load_training_split(data_args):
+    """The training split named by DataArguments (cut to `max_train_samples` when set)."""
+    train = load_split(data_args.dataset, data_args.train_split, streaming=data_args.streaming,
+                       **_split_options(data_args))
+    if train is None:
+        raise FileNotFoundError(f"No {data_args.train_split!r} split in {data_args.dataset}")
+    if data_args.max_train_samples:
+        train = train.take(data_args.max_train_samples) if data_args.streaming else train.select(
+            range(min(data_args.max_train_samples, len(train))))
+    return train
+
+
+def load_evaluation_splits(data_args) -> dict:
+    """Validation and test splits by name (never streamed: they are small); a local corpus may lack a test split."""
+    splits = {}
+    for name in (data_args.validation_split, data_args.test_split):
+        split = load_split(data_args.dataset, name, **_split_options(data_args)) if name else None
+        if split is not None:
+            splits[name] = split.select(range(min(data_args.max_eval_samples or len(split), len(split))))
+    return splits
+
+
+def _split_options(data_args) -> dict:
+    return dict(source_lang=data_args.source_lang, target_lang=data_args.target_lang, config=data_args.dataset_config,
+                revision=data_args.dataset_revision, data_dir=data_args.dataset_data_dir)
+
+
+def tokenize_evaluation_splits(accelerator, splits: dict, tokenizer, model_args) -> dict:
+    with accelerator.main_process_first():  # the main process fills the map cache, the others read it
+        return {name: tokenize_pairs(split, tokenizer, model_args.upsample_ratio, model_args.max_position_embeddings,
+                                     for_evaluation=True)
+                for name, split in splits.items()}
+
+
+def tokenize_training_split(accelerator, train, tokenizer, model_args):
+    """Tokenize, then drop (and count) pairs that are too long or whose target cannot fit the CTC frames."""
+    with accelerator.main_process_first():
+        train = tokenize_pairs(train, tokenizer, model_args.upsample_ratio, model_args.max_position_embeddings)
+    if not isinstance(train, Dataset):
+        stream_counts = StreamFilterCounts()
+        return stream_counts.apply(train), stream_counts.counts  # the counts fill up as the stream is read
+    train, counts = drop_unfit_pairs(train)
+    if counts["kept"] == 0:
+        raise ValueError(f"No trainable pair left: {counts}")
+    accelerator.print(f"Training pairs: {counts['kept']} kept; left out: {counts['source_too_long']} with a source "
+                      f"over {model_args.max_position_embeddings} tokens, {counts['target_does_not_fit']} whose target "
+                      f"cannot fit {model_args.upsample_ratio} frames per source token")
+    return train, counts

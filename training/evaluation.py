@@ -1,0 +1,80 @@
+"""Validation: CTC loss, and sacreBLEU + chrF on greedy CTC translations, split across processes.
+
+`evaluate.load("sacrebleu")` needs the Hub; `TranslationScores` is the same computation as an `evaluate.Metric`
+that works offline, and reports sacrebleu's signatures so scores can be quoted exactly.
+"""
+
+import datasets
+import evaluate
+import torch
+from accelerate.utils import DistributedType, gather_object
+from sacrebleu.metrics import BLEU, CHRF
+
+from batching import collate, pack_by_tokens
+
+
+class TranslationScores(evaluate.Metric):
+    """Corpus-level sacreBLEU and chrF of detokenized translations against one reference each."""
+
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="Corpus sacreBLEU and chrF (sacrebleu), computed locally.",
+            citation="Post, 2018, A Call for Clarity in Reporting BLEU Scores; Popovic, 2015, chrF.",
+            inputs_description="predictions: list of str; references: list of str (one reference per prediction)",
+            features=datasets.Features({"predictions": datasets.Value("string"),
+                                        "references": datasets.Value("string")}),
+        )
+
+    def _compute(self, predictions, references, tokenize="13a"):
+        bleu, chrf = BLEU(tokenize=tokenize), CHRF()
+        return {"bleu": bleu.corpus_score(predictions, [references]).score,
+                "chrf": chrf.corpus_score(predictions, [references]).score,
+                "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}
+
+
+def score_translations(predictions: list[str], references: list[str]) -> dict:
+    # keep_in_memory: no cache files or locks, each process may score on its own
+    return TranslationScores(keep_in_memory=True).compute(predictions=predictions, references=references)
+
+
+def length_sorted_batches(examples: list[dict], max_tokens: int) -> list[list[int]]:
+    """Indices of `examples` in batches of similar length (little padding), at most `max_tokens` padded tokens."""
+    lengths = [max(len(e["input_ids"]), len(e["labels"])) for e in examples]
+    return pack_by_tokens(sorted(range(len(examples)), key=lengths.__getitem__), lengths, max_tokens)
+
+
+@torch.no_grad()
+def evaluate_split(accelerator, model, tokenizer, dataset, max_tokens: int) -> dict:
+    """Loss and scores of `model` (unwrapped) on a tokenized evaluation set that kept its `target` texts.
+
+    Each process translates every world_size-th sentence; translations are gathered so every process gets the
+    same scores (and can take the same checkpoint decisions). Under FSDP every forward needs every process (the
+    weights are sharded), so there each process runs the whole set, in the same batches.
+    """
+    split_work = accelerator.num_processes > 1 and accelerator.distributed_type != DistributedType.FSDP
+    rank, world = (accelerator.process_index, accelerator.num_processes) if split_work else (0, 1)
+    indices = list(range(rank, len(dataset), world))
+    examples = [dataset[i] for i in indices]
+    was_training = model.training
+    model.eval()
+    loss_sum, scored_pairs, translations = torch.zeros((), device=accelerator.device), 0, []
+    with accelerator.autocast():
+        for batch_indices in length_sorted_batches(examples, max_tokens):
+            batch = {k: v.to(accelerator.device)
+                     for k, v in collate([examples[i] for i in batch_indices], tokenizer.pad_token_id).items()}
+            out = model(**batch)
+            fitting = len(batch_indices) - int(out.num_unfit_pairs)
+            loss_sum += out.loss.float() * fitting
+            scored_pairs += fitting
+            ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+            translations += [(indices[i], text) for i, text in zip(batch_indices, texts)]
+    model.train(was_training)
+    totals = torch.stack([loss_sum, torch.tensor(float(scored_pairs), device=loss_sum.device)])
+    if split_work:
+        totals, translations = accelerator.reduce(totals, reduction="sum"), gather_object(translations)
+    by_index = dict(translations)
+    predictions = [by_index[i] for i in range(len(dataset))]
+    scores = score_translations(predictions, list(dataset["target"]))
+    return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), **scores, "num_sentences": len(dataset),
+            "num_unfit_pairs": len(dataset) - int(totals[1].item()), "predictions": predictions}

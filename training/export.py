@@ -1,0 +1,72 @@
+"""Export any checkpoint of a run as a Hub model: weights without the weak AR decoders, tokenizer, code, model card.
+
+    python training/export.py --run_dir runs/demo [--checkpoint best|latest|<dir>] [--push_to_hub user/repo]
+
+The checkpoint may also be an averaged model (training/average_checkpoints.py). It is scored on the run's test split
+(validation when there is none), so the card reports this model's own sacreBLEU and chrF.
+"""
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `training/` is a folder of scripts run from a checkout, not a package
+    sys.path.insert(0, str(REPO_ROOT))
+
+from accelerate import Accelerator  # noqa: E402
+from transformers import AutoTokenizer, HfArgumentParser  # noqa: E402
+
+from hf_weaknat import WeakNATForConditionalGeneration, push_export_to_hub  # noqa: E402
+
+from checkpoints import MODEL_DIR, STATE_FILE, resolve_checkpoint  # noqa: E402
+from evaluation import evaluate_split  # noqa: E402
+from model_card import export_with_card  # noqa: E402
+from arguments import DataArguments, ModelArguments  # noqa: E402
+from data import load_evaluation_splits, tokenize_evaluation_splits  # noqa: E402
+
+
+@dataclass
+class ExportArguments:
+    run_dir: str = field(metadata={"help": "The training run's output_dir."})
+    checkpoint: str = field(default="best", metadata={"help": "best, latest, or a checkpoint / averaged directory."})
+    output_dir: str | None = field(default=None, metadata={"help": "Default: <run_dir>/export-<checkpoint name>."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Repo id to upload the export to."})
+
+
+def load_checkpoint_model(checkpoint: Path) -> WeakNATForConditionalGeneration:
+    """A training checkpoint keeps its weights in `model/`; an averaged model is a plain `from_pretrained` folder."""
+    return WeakNATForConditionalGeneration.from_pretrained(
+        checkpoint / MODEL_DIR if (checkpoint / MODEL_DIR).is_dir() else checkpoint)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    run_dir = Path(args.run_dir)
+    run_args = json.loads((run_dir / "run_args.json").read_text())
+    checkpoint = resolve_checkpoint(run_dir / "checkpoints", args.checkpoint)
+    if checkpoint is None:
+        raise FileNotFoundError(f"No checkpoint under {run_dir / 'checkpoints'}")
+    model, tokenizer = load_checkpoint_model(checkpoint), AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    data_args, model_args = DataArguments(**run_args["data"]), ModelArguments(**run_args["model"])
+    accelerator = Accelerator()
+    evaluation = tokenize_evaluation_splits(accelerator, load_evaluation_splits(data_args), tokenizer, model_args)
+    eval_split = data_args.test_split if data_args.test_split in evaluation else data_args.validation_split
+    scores = evaluate_split(accelerator, model.to(accelerator.device), tokenizer, evaluation[eval_split],
+                            run_args["training"]["max_tokens"])
+    state_file = checkpoint / STATE_FILE  # an averaged model has none: it stands for the end of training
+    steps = json.loads(state_file.read_text())["step"] if state_file.is_file() else run_args["training"]["max_steps"]
+    export_dir = export_with_card(
+        model.cpu(), tokenizer, Path(args.output_dir or run_dir / f"export-{checkpoint.name}"), run_args=run_args,
+        scores=scores, eval_split=eval_split, steps=steps, example_source=evaluation[eval_split][0]["source"],
+        filtered=json.loads((run_dir / "data_stats.json").read_text())["train_pairs"],
+        learning_curve=run_dir / "learning_curve.png", repo_id=args.push_to_hub)
+    print(f"Exported {checkpoint} to {export_dir}: {eval_split} BLEU {scores['bleu']:.2f}, chrF {scores['chrf']:.2f}")
+    if args.push_to_hub:
+        push_export_to_hub(export_dir, args.push_to_hub)
+    return export_dir
+
+
+if __name__ == "__main__":
+    main()

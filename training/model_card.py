@@ -1,0 +1,99 @@
+"""Model card of an exported translator: `model_cards/weaknat_translation.md` filled with the run's facts.
+
+The YAML header carries a `model-index` with sacreBLEU and chrF (signature as `metric_config`), so the Hub shows
+the scores; the body states data, direction, distillation, decoding, parameter count and the learning curve.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from hf_weaknat import export_for_hub
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "weaknat_translation.md"
+SCORE_KEYS = {"sacrebleu": "bleu", "chrf": "chrf"}  # model-index metric type -> key in evaluation's scores
+LANGUAGE_NAMES = {"de": "German", "en": "English", "ro": "Romanian", "fr": "French", "cs": "Czech"}
+
+
+def dataset_identity(dataset: str) -> tuple[str, bool]:
+    """(name to show, is it a Hub id); a local directory is shown by its folder name."""
+    return (Path(dataset).name, False) if Path(dataset).is_dir() else (dataset, True)
+
+
+def method_text(config) -> tuple[str, str]:
+    """How the weak AR decoders were used: (one phrase for the summary, details for the training section)."""
+    if config.weak_ar_layers == 0:
+        summary, details = "as a plain CTC model (no weak AR decoders)", "none (plain CTC baseline)"
+    else:
+        summary = "with auxiliary weak autoregressive decoders"
+        sharing = "one shared" if config.weak_ar_share_parameters else "one per layer"
+        details = (f"{config.weak_ar_layers}-layer, {sharing}, attached to a random "
+                   f"{config.weak_ar_layer_sample_ratio:g} of the NAR decoder layers each step"
+                   f"{' and to the encoder' if config.weak_ar_on_encoder else ''}, loss weight lambda = "
+                   f"{config.nar_loss_weight:g}")
+    if config.glancing:
+        summary += " and glancing training"
+        details += (f"; glancing ratio {config.glancing_start_ratio:g} -> {config.glancing_end_ratio:g} over "
+                    f"{config.glancing_anneal_steps} steps")
+    return summary, details
+
+
+def build_model_card(*, model_name: str, config, num_parameters: int, scores: dict, eval_split: str, data: dict,
+                     training: dict, filtered: dict, steps: int, example_source: str, repo_or_path: str,
+                     learning_curve: str = "learning_curve.png") -> ModelCard:
+    """`data`/`training`: the run's data and training arguments as dicts; `scores`: from evaluation.evaluate_split."""
+    dataset_name, on_hub = dataset_identity(data["dataset"])
+    source, target = data["source_lang"], data["target_lang"]
+    task = f"Translation {source}→{target}"
+    results = [EvalResult(task_type="translation", task_name=task, dataset_type=dataset_name, dataset_name=dataset_name,
+                          dataset_config=data.get("dataset_config"), dataset_split=eval_split, metric_type=metric,
+                          metric_name=name, metric_value=round(scores[SCORE_KEYS[metric]], 2),
+                          metric_config=scores[f"{SCORE_KEYS[metric]}_signature"])
+               for metric, name in (("sacrebleu", "sacreBLEU"), ("chrf", "chrF"))]
+    card_data = ModelCardData(
+        model_name=model_name, language=[source, target], license="apache-2.0", library_name="transformers",
+        pipeline_tag="translation", metrics=["sacrebleu", "chrf"], datasets=[dataset_name] if on_hub else None,
+        tags=["non-autoregressive", "ctc", "weak-ar-decoders", "custom_code"] + (["distilled"] if data["distilled"]
+                                                                                  else []),
+        eval_results=results,
+    )
+    summary, weak_ar = method_text(config)
+    return ModelCard.from_template(
+        card_data, template_path=str(TEMPLATE), model_id=model_name, repo_or_path=repo_or_path,
+        source_name=LANGUAGE_NAMES.get(source, source), target_name=LANGUAGE_NAMES.get(target, target),
+        source_lang=source, target_lang=target, method_description=summary, weak_ar_text=weak_ar,
+        num_parameters_text=f"{num_parameters:,}", config=config, example_source=example_source.replace('"', '\\"'),
+        dataset_name=dataset_name, dataset_id=data["dataset"] if on_hub else dataset_name,
+        dataset_config=data.get("dataset_config"), eval_split=eval_split, distilled=data["distilled"],
+        decoding="greedy CTC (argmax, collapse repeats, drop blanks)", bleu=scores["bleu"], chrf=scores["chrf"],
+        bleu_signature=scores["bleu_signature"], chrf_signature=scores["chrf_signature"],
+        eval_sentences=scores["num_sentences"], learning_curve=learning_curve,
+        filtered_text=(f"{filtered.get('source_too_long', 0)} with sources over {config.max_position_embeddings} "
+                       f"tokens, {filtered.get('target_does_not_fit', 0)} whose target cannot fit the CTC frames "
+                       f"(of {sum(filtered.values())} pairs)") if filtered else "none counted",
+        optimisation_text=(f"{steps} updates, AdamW betas ({training['adam_beta1']}, {training['adam_beta2']}), lr "
+                           f"{training['learning_rate']:g}, inverse-sqrt schedule with {training['warmup_steps']} "
+                           f"warmup steps, weight decay {training['weight_decay']:g}, {training['max_tokens']} tokens "
+                           f"per device x {training['gradient_accumulation_steps']} accumulation, mixed precision "
+                           f"{training['mixed_precision']}"),
+    )
+
+
+def export_with_card(model, tokenizer, export_dir: Path, *, run_args: dict, scores: dict, eval_split: str,
+                     filtered: dict, steps: int, example_source: str, learning_curve: Path | None = None,
+                     repo_id: str | None = None) -> Path:
+    """`export_for_hub`, then README.md (the card), the learning curve it shows and eval_results.json."""
+    export_dir = export_for_hub(model, export_dir, tokenizer)
+    if learning_curve is not None and Path(learning_curve).is_file():
+        shutil.copyfile(learning_curve, export_dir / "learning_curve.png")
+    num_parameters = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("weak_ar."))
+    card = build_model_card(model_name=repo_id.split("/")[-1] if repo_id else Path(export_dir).resolve().parent.name,
+                            config=model.config, num_parameters=num_parameters, scores=scores, eval_split=eval_split,
+                            data=run_args["data"], training=run_args["training"], filtered=filtered, steps=steps,
+                            example_source=example_source, repo_or_path=repo_id or str(export_dir))
+    card.save(export_dir / "README.md")
+    kept = {k: v for k, v in scores.items() if k != "predictions"}
+    (export_dir / "eval_results.json").write_text(json.dumps({"split": eval_split, "step": steps, **kept}, indent=2))
+    return export_dir
