@@ -1,0 +1,436 @@
+"""Inference speed: the CTC NAR translator against transformers' MarianMTModel of the same size and vocabulary.
+
+Systems: NAR greedy, NAR prefix beam search (`--nar_beams`, default 5), AR greedy and AR beam 5 (`--ar_beams`), and
+with `--int8` the NAR (and AR) greedy after `torch.ao.quantization.quantize_dynamic` on every `nn.Linear`, reported
+separately. Each system translates the same real test sentences in the same batches; only `generate` is timed
+(tokenization, padding and detokenization are done before and after).
+
+Method: per batch size, `--warmup` batches of every system first, then `--repeats` repeats; each repeat runs every
+system once over all its batches, in an order rotated by one system per repeat (so no system always runs first or
+after the same neighbour). A system's time is the MEDIAN over repeats of its total time; ms/sentence, sentences/s
+and every speed-up ratio come from those medians, measured in the same run.
+
+Models: trained checkpoints (`--nar DIR`, an exported WeakNAT; `--ar DIR`, a MarianMTModel) or, by default, randomly
+initialised models at the paper's base size (d_model 512, 6+6 layers, 8 heads, FFN 2048, post-LN, ReLU) sharing one
+vocabulary. Fairness with random weights: a random AR model may never emit `</s>` and would always run to its
+length limit, so each random-AR batch decodes EXACTLY `min_new_tokens = max_new_tokens = longest reference of the
+batch in target tokens + 1` steps (the steps a trained model emitting the reference and `</s>` would take). A trained
+AR decodes normally up to `2 * source length + 10` new tokens. The NAR's cost does not depend on its weights: greedy is
+one forward pass plus an argmax and a collapse; beam search always walks every valid frame with a fixed beam.
+
+Examples:
+    python training/benchmark_speed.py                       # base size, random weights, batch 1/8/64, CPU
+    python training/benchmark_speed.py --quick --json out.json
+    python training/benchmark_speed.py --nar runs/export --ar runs/marian --int8 --plot speed.png
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import sacrebleu
+import torch
+import transformers
+from transformers import AutoTokenizer, MarianConfig, MarianMTModel
+
+import hf_weaknat
+from analyze import read_lines
+from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration
+
+MULTI30K = Path(__file__).resolve().parent / "data" / "multi30k"
+# The paper's base Transformer (Appendix A); --quick uses the tiny one.
+BASE_SIZES = dict(d_model=512, layers=6, heads=8, ffn=2048)
+QUICK_SIZES = dict(d_model=64, layers=2, heads=4, ffn=128)
+# The issue's targets at the base size on CPU: (batch size, NAR system, reference system, minimum speed-up)
+TARGETS = ((1, "nar_greedy", "ar_greedy", 8.0), (64, "nar_greedy", "ar_greedy", 1.5), (64, "nar_greedy", "ar_beam", 5.0))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default=str(MULTI30K / "test.de"), help="test sources, one per line")
+    p.add_argument("--reference", default=str(MULTI30K / "test.en"), help="test references, one per line")
+    p.add_argument("--nar", help="exported WeakNAT directory (default: random weights at --sizes)")
+    p.add_argument("--ar", help="MarianMTModel directory (default: random weights at --sizes)")
+    p.add_argument("--tokenizer", help="tokenizer directory for models without their own, and for random models")
+    p.add_argument("--vocab_size", type=int, default=10000,
+                   help="joint SentencePiece vocabulary trained on Multi30k train when no tokenizer is given "
+                        "(10k ~ the paper's IWSLT14 joint vocabulary; Multi30k supports at most 19,989 pieces)")
+    p.add_argument("--save_tokenizer", help="save the trained tokenizer here (reuse it with --tokenizer)")
+    p.add_argument("--batch_sizes", default="1,8,64")
+    p.add_argument("--sentences", default="1:64,8:64,64:256",
+                   help="sentences per batch size, 'bs:n,...': the first n lines of the test set")
+    p.add_argument("--order", default="sorted", choices=("sorted", "file"),
+                   help="batch the n sentences sorted by source length (as fairseq and Marian batch a test set), "
+                        "or in file order (more padding for both systems)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up batches per system and batch size")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats (median reported)")
+    p.add_argument("--nar_beams", type=int, default=5)
+    p.add_argument("--beam_token_candidates", type=int, default=None, help="NAR beam: tokens tried per frame "
+                   "(default: generate's own default, 2 * num_beams)")
+    p.add_argument("--ar_beams", type=int, default=5)
+    p.add_argument("--int8", action="store_true", help="also time int8 dynamically quantized greedy (CPU only)")
+    p.add_argument("--bleu_lines", type=int, default=None,
+                   help="with trained models: sentences scored with sacreBLEU (default: the whole test file)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: CPU, and also CUDA when available")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads (default: all)")
+    p.add_argument("--quick", action="store_true", help="tiny models, a few sentences: a smoke test in seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write every number and the environment here")
+    p.add_argument("--plot", help="PNG of speed-up against batch size")
+    args = p.parse_args(argv)
+    if args.quick:  # smaller defaults; options given explicitly still win
+        p.set_defaults(batch_sizes="1,4", sentences="1:8,4:16", warmup=1, repeats=2, vocab_size=500)
+        args = p.parse_args(argv)
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    counts = dict(tuple(int(x) for x in item.split(":")) for item in args.sentences.split(","))
+    args.sentences = {bs: counts.get(bs, max(counts.values())) for bs in args.batch_sizes}
+    return args
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def load_or_train_tokenizer(directory, files, vocab_size: int, max_sentences: int = 2_000_000,
+                            save_directory=None):
+    """(tokenizer, where it came from): `directory` if given, else a joint unigram SentencePiece trained on `files`."""
+    if directory:
+        return AutoTokenizer.from_pretrained(directory), f"loaded from {directory}"
+    started = time.perf_counter()
+    tokenizer = hf_weaknat.train_weaknat_tokenizer(files=files, vocab_size=vocab_size, max_sentences=max_sentences,
+                                                   num_threads=1, save_directory=save_directory)
+    names = " + ".join(Path(f).name for f in files)
+    return tokenizer, (f"joint unigram SentencePiece, {vocab_size} pieces, trained on {names} (at most "
+                       f"{max_sentences} lines) in {time.perf_counter() - started:.1f}s")
+
+
+def model_tokenizer(directory, fallback):
+    """The tokenizer saved with a model, else the shared one."""
+    if directory and (Path(directory) / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(directory)
+    if fallback is None:
+        raise ValueError(f"{directory} holds no tokenizer: pass --tokenizer")
+    return fallback
+
+
+def build_nar(args, sizes, vocab_size):
+    if args.nar:
+        return WeakNATForConditionalGeneration.from_pretrained(args.nar, attn_implementation="sdpa").eval()
+    config = WeakNATConfig(vocab_size=vocab_size, d_model=sizes["d_model"], encoder_layers=sizes["layers"],
+                           decoder_layers=sizes["layers"], encoder_attention_heads=sizes["heads"],
+                           decoder_attention_heads=sizes["heads"], encoder_ffn_dim=sizes["ffn"],
+                           decoder_ffn_dim=sizes["ffn"], weak_ar_layers=0, attn_implementation="sdpa")
+    return WeakNATForConditionalGeneration(config).eval()
+
+
+def build_ar(args, sizes, tokenizer):
+    """MarianMTModel: same sizes, shared and tied embeddings, pad 0 / eos 2, decoder start = pad (Marian's way)."""
+    if args.ar:
+        return MarianMTModel.from_pretrained(args.ar, attn_implementation="sdpa").eval()
+    config = MarianConfig(vocab_size=len(tokenizer), d_model=sizes["d_model"], encoder_layers=sizes["layers"],
+                          decoder_layers=sizes["layers"], encoder_attention_heads=sizes["heads"],
+                          decoder_attention_heads=sizes["heads"], encoder_ffn_dim=sizes["ffn"],
+                          decoder_ffn_dim=sizes["ffn"], activation_function="relu", max_position_embeddings=512,
+                          scale_embedding=True, share_encoder_decoder_embeddings=True, tie_word_embeddings=True,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                          bos_token_id=tokenizer.bos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                          forced_eos_token_id=tokenizer.eos_token_id, attn_implementation="sdpa")
+    return MarianMTModel(config).eval()
+
+
+def quantized(model):
+    """A copy with every nn.Linear dynamically quantized to int8 (weights int8, activations quantized per batch)."""
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao, still shipped
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def make_batches(tokenizer, sources, references, batch_size, device):
+    """Right-padded source batches; `steps` = longest reference in target tokens + 1 (its `</s>`)."""
+    batches = []
+    for start in range(0, len(sources), batch_size):
+        enc = tokenizer(sources[start:start + batch_size], padding=True, truncation=True, max_length=256,
+                        return_tensors="pt")
+        refs = tokenizer(references[start:start + batch_size], add_special_tokens=False)["input_ids"]
+        batches.append({"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
+                        "steps": max(len(r) for r in refs) + 1})
+    return batches
+
+
+def nar_system(model, num_beams, candidates):
+    def run(batch):
+        return model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              num_beams=num_beams, beam_token_candidates=candidates)
+    return run
+
+
+def ar_system(model, num_beams, forced_length):
+    def run(batch):
+        if forced_length:
+            steps = dict(min_new_tokens=batch["steps"], max_new_tokens=batch["steps"])
+        else:
+            steps = dict(max_new_tokens=2 * batch["input_ids"].shape[1] + 10)
+        return model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              num_beams=num_beams, do_sample=False, use_cache=True, **steps)
+    return run
+
+
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_systems(systems: dict, batches: dict, warmup: int, repeats: int, device: str) -> dict[str, dict]:
+    """Warm-up, then `repeats` interleaved passes in rotating order.
+
+    Returns each system's wall-clock seconds per repeat, and the process CPU seconds (all threads) beside them: on a
+    machine shared with other jobs, CPU time well below wall time x threads shows the run was starved.
+    """
+    names = list(systems)
+    for name in names:
+        for batch in batches[name][:warmup]:
+            systems[name](batch)
+    totals = {name: {"wall": [], "cpu": []} for name in names}
+    for repeat in range(repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            synchronize(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            for batch in batches[name]:
+                systems[name](batch)
+            synchronize(device)
+            totals[name]["wall"].append(time.perf_counter() - wall)
+            totals[name]["cpu"].append(time.process_time() - cpu)
+    return totals
+
+
+def summarize(totals: dict[str, dict], num_sentences: int, ar_beam_name: str) -> dict:
+    rows = {}
+    for name, measured in totals.items():
+        median = statistics.median(measured["wall"])
+        rows[name] = {"times_s": measured["wall"], "cpu_times_s": measured["cpu"], "median_s": median,
+                      "ms_per_sentence": 1000 * median / num_sentences, "sentences_per_s": num_sentences / median}
+    for name, row in rows.items():
+        row["speedup_vs_ar_greedy"] = rows["ar_greedy"]["median_s"] / row["median_s"]
+        row["speedup_vs_ar_beam"] = rows[ar_beam_name]["median_s"] / row["median_s"]
+        if name.endswith("_int8") and f"{name[:-5]}" in rows:  # int8 against the same system in fp32
+            row["speedup_vs_fp32"] = rows[name[:-5]]["median_s"] / row["median_s"]
+        if name == "nar_greedy_int8" and "ar_greedy_int8" in rows:
+            row["speedup_vs_ar_greedy_int8"] = rows["ar_greedy_int8"]["median_s"] / row["median_s"]
+    return rows
+
+
+def translate_all(system, tokenizer, batches) -> list[str]:
+    return [text for batch in batches for text in tokenizer.batch_decode(system(batch), skip_special_tokens=True)]
+
+
+def bleu_scores(args, systems, tokenizers, device) -> dict:
+    """sacreBLEU of each system whose weights are trained, on `--bleu_lines` test sentences at batch 64 (untimed)."""
+    sources, references = read_lines(args.source, args.bleu_lines), read_lines(args.reference, args.bleu_lines)
+    scores = {}
+    for name, system in systems.items():
+        if not (args.nar if name.startswith("nar") else args.ar):
+            continue
+        tokenizer = tokenizers[name.split("_")[0]]
+        hypotheses = translate_all(system, tokenizer, make_batches(tokenizer, sources, references, 64, device))
+        bleu = sacrebleu.corpus_bleu(hypotheses, [references])
+        scores[name] = {"bleu": bleu.score, "signature": str(sacrebleu.BLEU().get_signature()),
+                        "sentences": len(sources)}
+    return scores
+
+
+def build_systems(args, device, nar, ar, forced_length) -> dict:
+    nar, ar = nar.to(device), ar.to(device)
+    systems = {
+        "nar_greedy": nar_system(nar, 1, None),
+        "nar_beam": nar_system(nar, args.nar_beams, args.beam_token_candidates),
+        "ar_greedy": ar_system(ar, 1, forced_length),
+        "ar_beam": ar_system(ar, args.ar_beams, forced_length),
+    }
+    if args.int8 and device == "cpu":  # quantize_dynamic has CPU kernels only
+        systems["nar_greedy_int8"] = nar_system(quantized(nar), 1, None)
+        systems["ar_greedy_int8"] = ar_system(quantized(ar), 1, forced_length)
+    return systems
+
+
+def run_device(args, device, nar, ar, tokenizers, forced_length) -> dict:
+    """Every batch size on one device: the timing table of each, and BLEU where weights are trained."""
+    systems = build_systems(args, device, nar, ar, forced_length)
+    sources, references = read_lines(args.source), read_lines(args.reference)
+    by_batch_size = {}
+    for bs in args.batch_sizes:
+        n = min(args.sentences[bs], len(sources))
+        pairs = list(zip(sources[:n], references[:n]))
+        if args.order == "sorted":
+            pairs.sort(key=lambda pair: len(tokenizers["nar"](pair[0])["input_ids"]))
+        src, ref = [s for s, _ in pairs], [r for _, r in pairs]
+        per_tokenizer = {key: make_batches(tok, src, ref, bs, device) for key, tok in tokenizers.items()}
+        batches = {name: per_tokenizer[name.split("_")[0]] for name in systems}
+        started = time.perf_counter()
+        with torch.inference_mode():
+            totals = time_systems(systems, batches, args.warmup, args.repeats, device)
+        rows = summarize(totals, n, "ar_beam")
+        by_batch_size[bs] = {"sentences": n, "batches": len(batches["ar_greedy"]), "systems": rows,
+                             "ar_forced_steps": sum(b["steps"] for b in batches["ar_greedy"]) if forced_length else None,
+                             "wall_s": time.perf_counter() - started}
+        print_table(bs, n, rows)
+    result = {"batch_sizes": by_batch_size}
+    if args.nar or args.ar:
+        with torch.inference_mode():
+            result["bleu"] = bleu_scores(args, systems, tokenizers, device)
+    return result
+
+
+LABELS = {"nar_greedy": "NAR greedy", "nar_beam": "NAR beam", "ar_greedy": "AR greedy", "ar_beam": "AR beam",
+          "nar_greedy_int8": "NAR greedy int8", "ar_greedy_int8": "AR greedy int8"}
+
+
+def print_table(bs, n, rows):
+    print(f"\nbatch size {bs}, {n} sentences")
+    print(f"  {'system':<17}{'ms/sent':>10}{'sent/s':>10}{'x AR greedy':>13}{'x AR beam':>11}   repeats (s)")
+    for name, row in rows.items():
+        times = " ".join(f"{t:.2f}" for t in row["times_s"])
+        print(f"  {LABELS[name]:<17}{row['ms_per_sentence']:>10.2f}{row['sentences_per_s']:>10.1f}"
+              f"{row['speedup_vs_ar_greedy']:>13.2f}{row['speedup_vs_ar_beam']:>11.2f}   {times}")
+    if "nar_greedy_int8" in rows:
+        int8 = rows["nar_greedy_int8"]
+        print(f"  int8: NAR greedy {int8['speedup_vs_fp32']:.2f}x its fp32 self, "
+              f"{int8['speedup_vs_ar_greedy_int8']:.2f}x AR greedy int8")
+
+
+def is_base_size(config) -> bool:
+    sizes = (config.d_model, config.encoder_layers, config.decoder_layers, config.decoder_attention_heads,
+             config.decoder_ffn_dim)
+    return sizes == tuple(BASE_SIZES[k] for k in ("d_model", "layers", "layers", "heads", "ffn"))
+
+
+def check_targets(result, base_size) -> list[dict]:
+    checks = []
+    for bs, nar, ref, minimum in TARGETS:
+        rows = result["batch_sizes"].get(bs, {}).get("systems")
+        if rows and base_size:
+            ratio = rows[ref]["median_s"] / rows[nar]["median_s"]
+            checks.append({"batch_size": bs, "system": nar, "against": ref, "target": minimum, "measured": ratio,
+                           "met": ratio >= minimum})
+    return checks
+
+
+def plot(results, path, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, (device, result) in zip(axes[0], results.items()):
+        sizes = sorted(result["batch_sizes"])
+        measured = result["batch_sizes"][sizes[0]]["systems"]
+        for nar in (name for name in ("nar_greedy", "nar_beam", "nar_greedy_int8") if name in measured):
+            for ref, style in (("ar_greedy", "-o"), ("ar_beam", "--s")):
+                ys = [result["batch_sizes"][bs]["systems"][nar][f"speedup_vs_{ref}"] for bs in sizes]
+                ax.plot(sizes, ys, style, label=f"{LABELS[nar]} vs {LABELS[ref]}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("speed-up (AR time / NAR time)")
+        ax.set_title(f"CPU, {args.threads} threads" if device == "cpu" else torch.cuda.get_device_name())
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def environment(args, devices) -> dict:
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "sacrebleu": sacrebleu.__version__,
+            "python": platform.python_version(), "threads": args.threads, "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(), "devices": devices,
+            "cuda_device": torch.cuda.get_device_name() if "cuda" in devices else None,
+            "load_average_at_start": os.getloadavg()}
+
+
+def describe_setup(args, nar, ar, tokenizer_origin, forced_length) -> dict:
+    sizes = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_ffn_dim")
+    return {
+        "nar": args.nar or "random weights", "ar": args.ar or "random weights",
+        "nar_config": {k: getattr(nar.config, k) for k in sizes + ("upsample_ratio",)},
+        "ar_config": {k: getattr(ar.config, k) for k in sizes},
+        "parameters": {"nar": sum(p.numel() for p in nar.parameters()), "ar": sum(p.numel() for p in ar.parameters())},
+        "tokenizer": tokenizer_origin or "each model's own",
+        "attention": {"nar": nar.config._attn_implementation, "ar": ar.config._attn_implementation},
+        "source": args.source, "reference": args.reference, "sentences": args.sentences,
+        "order": f"first n lines, {'sorted by source length' if args.order == 'sorted' else 'in file order'}",
+        "warmup_batches": args.warmup, "repeats": args.repeats, "nar_beams": args.nar_beams,
+        "beam_token_candidates": args.beam_token_candidates or 2 * args.nar_beams, "ar_beams": args.ar_beams,
+        "ar_length": ("forced: min_new_tokens = max_new_tokens = longest reference in the batch (target tokens) + 1"
+                      if forced_length else "free: stops at </s>, max_new_tokens = 2 * source length + 10"),
+        "nar_cost": "independent of the weights: one forward pass (+ prefix beam search over every valid frame)",
+        "timed": "model.generate only, under torch.inference_mode(); median over interleaved repeats",
+    }
+
+
+def print_header(env, setup, args):
+    print(f"torch {env['torch']}, transformers {env['transformers']}, {env['cpu']}, {args.threads} threads, "
+          f"devices {env['devices']}, load average {env['load_average_at_start'][0]:.2f}")
+    if env["load_average_at_start"][0] > 0.5:
+        print("note: other jobs are running on this machine; timings are slower and noisier than on an idle one "
+              "(cpu_times_s in the JSON shows how much CPU this run got)")
+    params = setup["parameters"]
+    print(f"NAR: {setup['nar']}, {setup['nar_config']} ({params['nar'] / 1e6:.1f}M parameters)")
+    print(f"AR (MarianMTModel): {setup['ar']}, {setup['ar_config']} ({params['ar'] / 1e6:.1f}M parameters)")
+    print(f"vocabulary: {setup['tokenizer']}; attention: {setup['attention']}")
+    print(f"AR length: {setup['ar_length']}.\nNAR cost: {setup['nar_cost']}.")
+    print(f"sentences: {setup['order']}; warm-up {args.warmup} batches, {args.repeats} interleaved repeats, medians")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    devices = ["cpu", "cuda"] if args.device == "auto" and torch.cuda.is_available() else [args.device.replace("auto", "cpu")]
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    shared, tokenizer_origin = None, None
+    if not (args.nar and args.ar) or args.tokenizer:  # random models share one vocabulary
+        shared, tokenizer_origin = load_or_train_tokenizer(
+            args.tokenizer, [MULTI30K / "train.de", MULTI30K / "train.en"], args.vocab_size,
+            max_sentences=4000 if args.quick else 2_000_000, save_directory=args.save_tokenizer)
+    tokenizers = {"nar": model_tokenizer(args.nar, shared), "ar": model_tokenizer(args.ar, shared)}
+    sizes = QUICK_SIZES if args.quick else BASE_SIZES
+    nar, ar = build_nar(args, sizes, len(tokenizers["nar"])), build_ar(args, sizes, tokenizers["ar"])
+    forced_length = not args.ar
+    report = {"environment": environment(args, devices),
+              "setup": describe_setup(args, nar, ar, tokenizer_origin, forced_length), "results": {}}
+    print_header(report["environment"], report["setup"], args)
+    for device in devices:
+        print(f"\n=== {device} ===")
+        result = report["results"][device] = run_device(args, device, nar, ar, tokenizers, forced_length)
+        result["targets"] = check_targets(result, is_base_size(nar.config) and device == "cpu")
+        for check in result["targets"]:
+            print(f"target batch {check['batch_size']}: {LABELS[check['system']]} >= {check['target']}x "
+                  f"{LABELS[check['against']]}: measured {check['measured']:.2f}x -> "
+                  f"{'met' if check['met'] else 'NOT met'}")
+        for name, score in result.get("bleu", {}).items():
+            print(f"BLEU {LABELS[name]}: {score['bleu']:.2f} ({score['sentences']} sentences, {score['signature']})")
+    report["environment"]["load_average_at_end"] = os.getloadavg()
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.plot:
+        plot(report["results"], args.plot, args)
+    return report
+
+
+if __name__ == "__main__":
+    main()

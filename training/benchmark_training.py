@@ -1,0 +1,307 @@
+"""Training cost of the weak AR decoders: the paper's Table 3 as ratios measured in one run.
+
+Variants (paper Table 3 rows), all at the same size, trained on IDENTICAL batches:
+    plain CTC       weak_ar_layers=0
+    no tricks       one weak AR decoder per NAR layer, every layer every step (share False, sample ratio 1.0)
+    sharing only    one weak AR decoder for all layers, every layer every step (share True, ratio 1.0)
+    sampling only   one decoder per layer, a random half of the layers per step (share False, ratio 0.5)
+    both            sharing + sampling: the package default (share True, ratio 0.5)
+
+A step is `zero_grad` + forward (CTC + weak AR losses) + backward + AdamW step. Batches are real Multi30k training
+pairs (seeded shuffle), packed up to `--max_tokens` the way fairseq counts them (sentences x longest side); repeat r
+gives every variant the same batch r, and the same seed before the step (same sampled layers where sampling is on).
+After `--warmup` steps per variant, `--repeats` repeats run every variant once in an order rotated by one each
+repeat; step time is the median over repeats and each ratio is that median over plain CTC's median.
+Peak memory: on CPU, each variant runs `--memory_steps` steps in its own subprocess and reports ru_maxrss (peak RSS)
+after building model + optimizer and at the end (the difference is what training adds); on CUDA,
+torch.cuda.max_memory_allocated per variant. Parameters: the training model's total, and what the export keeps
+(the training model minus `weak_ar.*`, i.e. a plain CTC model of the same size).
+
+Examples:
+    python training/benchmark_training.py                  # base size, CPU, ~4k-token batches
+    python training/benchmark_training.py --quick --json out.json
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from analyze import read_lines
+from benchmark_speed import cpu_model, load_or_train_tokenizer
+from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration
+
+MULTI30K = Path(__file__).resolve().parent / "data" / "multi30k"
+BASE_SIZES = dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
+                  decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048)
+QUICK_SIZES = dict(d_model=64, encoder_layers=2, decoder_layers=4, encoder_attention_heads=4,
+                   decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128)
+# name: (config overrides, label, paper Table 3 (IWSLT14 De-En): training hours, parameters in millions)
+VARIANTS = {
+    "plain_ctc": (dict(weak_ar_layers=0), "plain CTC", 17.3, 50.6),
+    "no_tricks": (dict(weak_ar_share_parameters=False, weak_ar_layer_sample_ratio=1.0), "no tricks", 31.2, 83.8),
+    "sharing": (dict(weak_ar_share_parameters=True, weak_ar_layer_sample_ratio=1.0), "sharing only", 31.0, 55.3),
+    "sampling": (dict(weak_ar_share_parameters=False, weak_ar_layer_sample_ratio=0.5), "sampling only", 20.3, 83.8),
+    "both": (dict(weak_ar_share_parameters=True, weak_ar_layer_sample_ratio=0.5), "both (default)", 19.4, 55.3),
+}
+TARGET_BOTH_RATIO = 1.10  # the issue's target for "both" against plain CTC (paper: 19.4h / 17.3h = 1.12)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default=str(MULTI30K / "train.de"), help="training sources, one per line")
+    p.add_argument("--target", default=str(MULTI30K / "train.en"), help="training targets, one per line")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: train a joint SentencePiece on --source/--target)")
+    p.add_argument("--vocab_size", type=int, default=10000, help="vocabulary of the trained tokenizer")
+    p.add_argument("--max_tokens", type=int, default=2048,
+                   help="batch budget, sentences x longest side (2048 keeps the default run near 10 min on 2 cores)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timed steps per variant (median reported)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    p.add_argument("--weak_ar_on_encoder", action="store_true",
+                   help="also attach a weak AR decoder to the encoder (the released code; 7 decoders without sharing)")
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--memory_steps", type=int, default=2, help="steps per CPU memory subprocess (0: skip memory)")
+    p.add_argument("--memory_jobs", type=int, default=1, help="memory subprocesses at a time (--quick: all)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads (default: all)")
+    p.add_argument("--quick", action="store_true", help="tiny model, small batches: a smoke test in seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write every number and the environment here")
+    p.add_argument("--memory_child", help=argparse.SUPPRESS)  # internal: "VARIANT:BATCHES_FILE"
+    args = p.parse_args(argv)
+    if args.quick:  # smaller defaults; options given explicitly still win
+        p.set_defaults(vocab_size=500, max_tokens=256, repeats=2, memory_jobs=len(VARIANTS))
+        args = p.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",")]
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown or "plain_ctc" not in args.variants:
+        raise SystemExit(f"--variants must include plain_ctc and only names from {list(VARIANTS)}; got {args.variants}")
+    return args
+
+
+def training_batches(args, count: int):
+    """`count` batches of real pairs, packed to `--max_tokens` (sentences x longest side), from a seeded shuffle."""
+    sources, targets = read_lines(args.source), read_lines(args.target)
+    tokenizer, origin = load_or_train_tokenizer(args.tokenizer, [args.source, args.target], args.vocab_size,
+                                                max_sentences=4000 if args.quick else 2_000_000)
+    order = torch.randperm(len(sources), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    batches, pairs, longest = [], [], 0
+    for index in order:
+        source, target = sources[index], targets[index]
+        length = max(len(tokenizer(source)["input_ids"]), len(tokenizer(target)["input_ids"]))
+        if pairs and (len(pairs) + 1) * max(longest, length) > args.max_tokens:
+            batches.append(tokenizer([s for s, _ in pairs], text_target=[t for _, t in pairs], padding=True,
+                                     return_tensors="pt").data)
+            pairs, longest = [], 0
+            if len(batches) == count:
+                break
+        pairs.append((source, target))
+        longest = max(longest, length)
+    for batch in batches:
+        batch["labels"] = batch["labels"].masked_fill(batch["labels"] == tokenizer.pad_token_id, -100)
+    return batches, len(tokenizer), origin
+
+
+def variant_config(args, name: str, vocab_size: int) -> WeakNATConfig:
+    sizes = QUICK_SIZES if args.quick else BASE_SIZES
+    overrides = dict(VARIANTS[name][0])
+    if name != "plain_ctc":
+        overrides["weak_ar_on_encoder"] = args.weak_ar_on_encoder
+    return WeakNATConfig(vocab_size=vocab_size, dropout=args.dropout, attn_implementation="sdpa", **sizes, **overrides)
+
+
+def build(args, name: str, vocab_size: int, device: str):
+    torch.manual_seed(args.seed)  # the NAR part starts from the same weights in every variant
+    model = WeakNATForConditionalGeneration(variant_config(args, name, vocab_size)).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), weight_decay=0.01)
+    return model, optimizer
+
+
+def train_step(model, optimizer, batch, seed: int, step: int):
+    torch.manual_seed(seed + step)  # same sampled weak AR layers for every variant that samples
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(**batch, training_step=step).loss
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def count_parameters(model) -> dict:
+    named = dict(model.named_parameters())  # tied weights once
+    total = sum(p.numel() for p in named.values())
+    weak_ar = sum(p.numel() for name, p in named.items() if name.startswith("weak_ar."))
+    return {"total": total, "weak_ar": weak_ar, "export": total - weak_ar}
+
+
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_variants(args, batches, vocab_size) -> tuple[dict, dict, dict]:
+    """Build every variant, warm up, then interleaved timed steps. Returns (step seconds, parameters, CUDA peaks)."""
+    device = args.device
+    models = {name: build(args, name, vocab_size, device) for name in args.variants}
+    params = {name: count_parameters(model) for name, (model, _) in models.items()}
+    on_device = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+    peaks = {}
+    for name, (model, optimizer) in models.items():
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for step in range(args.warmup):
+            train_step(model, optimizer, on_device[step], args.seed, step)
+        synchronize(device)
+        if device == "cuda":
+            peaks[name] = torch.cuda.max_memory_allocated()
+    times = {name: [] for name in args.variants}
+    names = list(args.variants)
+    for repeat in range(args.repeats):
+        step = args.warmup + repeat
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            model, optimizer = models[name]
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            synchronize(device)
+            started = time.perf_counter()
+            train_step(model, optimizer, on_device[step], args.seed, step)
+            synchronize(device)
+            times[name].append(time.perf_counter() - started)
+            if device == "cuda":
+                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
+    return times, params, peaks
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status", encoding="utf-8") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:")) / 1024
+
+
+def memory_child(args):
+    """Subprocess body: one variant's peak RSS after building, and after `--memory_steps` training steps."""
+    name, batches_file = args.memory_child.split(":", 1)
+    saved = torch.load(batches_file)
+    model, optimizer = build(args, name, saved["vocab_size"], "cpu")
+    built = current_rss_mb()  # imports + model + optimizer (its state is allocated by the first step)
+    try:  # forget the peak reached while importing, so the peak below is the training steps' (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
+    for step in range(args.memory_steps):
+        train_step(model, optimizer, saved["batches"][step], args.seed, step)
+    print(json.dumps({"rss_after_build_mb": built, "peak_rss_mb": max_rss_mb(), "peak_reset_after_build": reset}))
+
+
+def cpu_memory(args, batches, vocab_size) -> dict:
+    """Each variant's peak RSS, measured in a fresh process; `--memory_jobs` processes at a time."""
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="weaknat_mem_") as tmp:
+        batches_file = Path(tmp) / "batches.pt"
+        torch.save({"batches": batches[:args.memory_steps], "vocab_size": vocab_size}, batches_file)
+        pending, running = list(args.variants), {}
+        while pending or running:
+            while pending and len(running) < args.memory_jobs:
+                name = pending.pop(0)
+                command = [sys.executable, __file__, "--memory_child", f"{name}:{batches_file}",
+                           "--memory_steps", str(args.memory_steps), "--threads", str(args.threads),
+                           "--dropout", str(args.dropout), "--seed", str(args.seed)]
+                command += ["--quick"] * args.quick + ["--weak_ar_on_encoder"] * args.weak_ar_on_encoder
+                running[name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            name = next(iter(running))
+            stdout, stderr = running.pop(name).communicate()
+            if not stdout.strip():
+                raise RuntimeError(f"memory measurement of {name} failed:\n{stderr}")
+            row = json.loads(stdout.strip().splitlines()[-1])
+            row["training_added_mb"] = row["peak_rss_mb"] - row["rss_after_build_mb"]
+            results[name] = row
+    return results
+
+
+def print_table(rows: dict, args):
+    print(f"\n{'variant':<16}{'step s':>9}{'x CTC':>8}{'params M':>10}{'export M':>10}{'peak MB':>9}"
+          f"{'+train MB':>11}   paper: {'hours':>6}{'x CTC':>7}{'params M':>10}   repeats (s)")
+    for name, row in rows.items():
+        memory = row.get("memory") or {}
+        peak = memory.get("peak_rss_mb", memory.get("cuda_max_allocated_mb"))
+        added = memory.get("training_added_mb")
+        fmt = lambda value, width: f"{value:>{width}.0f}" if value is not None else f"{'-':>{width}}"
+        print(f"{row['label']:<16}{row['median_step_s']:>9.3f}{row['ratio_to_plain_ctc']:>8.2f}"
+              f"{row['parameters']['total'] / 1e6:>10.1f}{row['parameters']['export'] / 1e6:>10.1f}"
+              f"{fmt(peak, 9)}{fmt(added, 11)}          {row['paper']['hours']:>6.1f}{row['paper']['ratio']:>7.2f}"
+              f"{row['paper']['params_m']:>10.1f}   {' '.join(f'{t:.3f}' for t in row['step_times_s'])}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        return memory_child(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    started = time.perf_counter()
+    batches, vocab_size, tokenizer_origin = training_batches(args, args.warmup + args.repeats)
+    if len(batches) < args.warmup + args.repeats:
+        raise SystemExit(f"only {len(batches)} batches of {args.max_tokens} tokens in the data")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.device}, {args.threads} threads, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"vocabulary: {tokenizer_origin}; batches: "
+          + ", ".join(f"{b['input_ids'].shape[0]}x{b['input_ids'].shape[1]}->{b['labels'].shape[1]}" for b in batches))
+    times, params, cuda_peaks = time_variants(args, batches, vocab_size)
+    memory = cpu_memory(args, batches, vocab_size) if args.device == "cpu" and args.memory_steps else {}
+    for name, peak in cuda_peaks.items():
+        memory[name] = {"cuda_max_allocated_mb": peak / 2**20}
+    plain = statistics.median(times["plain_ctc"])
+    paper_plain = VARIANTS["plain_ctc"][2]
+    rows = {}
+    for name in args.variants:
+        median = statistics.median(times[name])
+        _, label, hours, params_m = VARIANTS[name]
+        rows[name] = {"label": label, "config": VARIANTS[name][0], "step_times_s": times[name], "median_step_s": median,
+                      "ratio_to_plain_ctc": median / plain, "parameters": params[name], "memory": memory.get(name),
+                      "paper": {"hours": hours, "ratio": hours / paper_plain, "params_m": params_m}}
+    print_table(rows, args)
+    target = None
+    if "both" in rows:
+        ratio = rows["both"]["ratio_to_plain_ctc"]
+        target = {"target": TARGET_BOTH_RATIO, "measured": ratio, "met": ratio <= TARGET_BOTH_RATIO}
+        print(f"\ntarget: both tricks <= {TARGET_BOTH_RATIO:.2f}x plain CTC step time: measured {ratio:.2f}x -> "
+              f"{'met' if target['met'] else 'NOT met'} (paper: {rows['both']['paper']['ratio']:.2f}x)")
+    wall = time.perf_counter() - started
+    print(f"wall time {wall:.0f}s, load average at the end {os.getloadavg()[0]:.2f}")
+    report = {
+        "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "python": platform.python_version(), "device": args.device, "threads": args.threads,
+                        "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+                        "cuda_device": torch.cuda.get_device_name() if args.device == "cuda" else None,
+                        "load_average_at_end": os.getloadavg()},
+        "setup": {"sizes": QUICK_SIZES if args.quick else BASE_SIZES, "vocab_size": vocab_size,
+                  "tokenizer": tokenizer_origin, "max_tokens": args.max_tokens, "dropout": args.dropout,
+                  "weak_ar_on_encoder": args.weak_ar_on_encoder, "warmup": args.warmup, "repeats": args.repeats,
+                  "batch_shapes": [{k: list(v.shape) for k, v in b.items()} for b in batches],
+                  "step": "zero_grad + forward + backward + AdamW step; median over interleaved repeats",
+                  "memory": ("one subprocess per variant: RSS after imports + model + optimizer, then peak RSS "
+                             f"(ru_maxrss, reset after the build) over {args.memory_steps} training steps" if args.device == "cpu" else "torch.cuda.max_memory_allocated")},
+        "variants": rows, "target": target, "wall_s": wall,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
