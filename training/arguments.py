@@ -63,7 +63,7 @@ class DataArguments:
     test_split: str | None = field(default="test", metadata={"help": "Scored at the end for the model card."})
     streaming: bool = False
     max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on validation pairs (test: all)."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Saved tokenizer; default: train one."})
     vocab_size: int = field(default=8000, metadata={"help": "Joint SentencePiece vocabulary when training one."})
     distilled: bool = field(default=False, metadata={"help": "Targets are AR-teacher outputs (for the card)."})

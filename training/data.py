@@ -173,12 +173,17 @@ def load_training_split(data_args):
 
 
 def load_evaluation_splits(data_args) -> dict:
-    """Validation and test splits by name (never streamed: they are small); a local corpus may lack a test split."""
+    """Validation and test splits by name (never streamed: they are small); a local corpus may lack a test split.
+
+    `max_eval_samples` caps only the validation split (run every `eval_steps`); the test split, whose score goes
+    into the model card, is always scored in full.
+    """
     splits = {}
     for name in (data_args.validation_split, data_args.test_split):
         split = load_split(data_args.dataset, name, **_split_options(data_args)) if name else None
         if split is not None:
-            splits[name] = split.select(range(min(data_args.max_eval_samples or len(split), len(split))))
+            cap = data_args.max_eval_samples if name == data_args.validation_split else None
+            splits[name] = split.select(range(min(cap or len(split), len(split))))
     return splits
 
 
