@@ -53,9 +53,9 @@ def bleu_by_length(hypotheses: Sequence[str], references: Sequence[str], buckets
     """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    rows = []
+    lengths, rows = [length(reference) for reference in references], []
     for low, high in buckets:
-        chosen = [i for i, ref in enumerate(references) if low < length(ref) and (high is None or length(ref) <= high)]
+        chosen = [i for i, n in enumerate(lengths) if low < n and (high is None or n <= high)]
         bleu = None
         if chosen:
             bleu = BLEU(tokenize=tokenize).corpus_score([hypotheses[i] for i in chosen],
@@ -141,7 +141,7 @@ def main(argv=None):
         p.error(f"{len(hypotheses)} hypotheses but {len(references)} references")
     if args.output:
         Path(args.output).write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
-    buckets = parse_buckets("20,40,60" if args.buckets == "paper" else args.buckets)
+    buckets = PAPER_BUCKETS if args.buckets == "paper" else parse_buckets(args.buckets)
     report = analyze(hypotheses, references, buckets, args.tokenize)
     print(f"{report['bleu_detail']}\n  signature: {report['bleu_signature']}")
     print(f"chrF {report['chrf']:.2f}  ({report['chrf_signature']})")

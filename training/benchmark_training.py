@@ -12,13 +12,19 @@ pairs (seeded shuffle), packed up to `--max_tokens` the way fairseq counts them 
 gives every variant the same batch r, and the same seed before the step (same sampled layers where sampling is on).
 After `--warmup` steps per variant, `--repeats` repeats run every variant once in an order rotated by one each
 repeat; step time is the median over repeats and each ratio is that median over plain CTC's median.
-Peak memory: on CPU, each variant runs `--memory_steps` steps in its own subprocess and reports ru_maxrss (peak RSS)
-after building model + optimizer and at the end (the difference is what training adds); on CUDA,
-torch.cuda.max_memory_allocated per variant. Parameters: the training model's total, and what the export keeps
-(the training model minus `weak_ar.*`, i.e. a plain CTC model of the same size).
+CPU time (all threads) is recorded beside wall time: on a machine shared with other jobs the CPU-time ratio is the
+steadier one. The paper's hours include everything a real run does (data, validation, fp16 on GPUs); ours are the
+step alone.
+Peak memory: on CPU, before any timing, each variant runs `--memory_steps` steps in a fresh subprocess, which reports
+its resident size after imports + model + optimizer and its peak resident size (VmHWM, reset after the build) over
+the steps; the difference is what training adds (including ~150 MB of lazily loaded kernels, the same in every
+variant). On CUDA: torch.cuda.max_memory_allocated over the timed steps. Parameters: the training model's total, and
+what the export keeps (the training model minus `weak_ar.*`: exactly a plain CTC model of the same size). The paper's
+83.8M for "no tricks" matches 7 weak AR decoders (one per NAR layer plus one on the encoder, as its released code
+does): `--weak_ar_on_encoder` reproduces that.
 
 Examples:
-    python training/benchmark_training.py                  # base size, CPU, ~4k-token batches
+    python training/benchmark_training.py                  # base size, CPU, 2k-token batches
     python training/benchmark_training.py --quick --json out.json
 """
 
@@ -26,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -134,6 +139,7 @@ def train_step(model, optimizer, batch, seed: int, step: int):
     loss = model(**batch, training_step=step).loss
     loss.backward()
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # free the gradients while the other variants step
     return loss.detach()
 
 
@@ -150,45 +156,39 @@ def synchronize(device):
 
 
 def time_variants(args, batches, vocab_size) -> tuple[dict, dict, dict]:
-    """Build every variant, warm up, then interleaved timed steps. Returns (step seconds, parameters, CUDA peaks)."""
+    """Build every variant, warm up, then interleaved timed steps.
+
+    Returns ({variant: {"wall": [...], "cpu": [...]}} seconds per timed step, parameters, CUDA peak bytes). CPU time
+    (all threads of this process) beside wall time shows whether other jobs on the machine starved the run.
+    """
     device = args.device
     models = {name: build(args, name, vocab_size, device) for name in args.variants}
     params = {name: count_parameters(model) for name, (model, _) in models.items()}
     on_device = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
-    peaks = {}
     for name, (model, optimizer) in models.items():
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         for step in range(args.warmup):
             train_step(model, optimizer, on_device[step], args.seed, step)
-        synchronize(device)
-        if device == "cuda":
-            peaks[name] = torch.cuda.max_memory_allocated()
-    times = {name: [] for name in args.variants}
-    names = list(args.variants)
+    times, peaks, names = {name: {"wall": [], "cpu": []} for name in args.variants}, {}, list(args.variants)
     for repeat in range(args.repeats):
         step = args.warmup + repeat
         for name in names[repeat % len(names):] + names[:repeat % len(names)]:
-            model, optimizer = models[name]
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             synchronize(device)
-            started = time.perf_counter()
-            train_step(model, optimizer, on_device[step], args.seed, step)
+            wall, cpu = time.perf_counter(), time.process_time()
+            train_step(*models[name], on_device[step], args.seed, step)
             synchronize(device)
-            times[name].append(time.perf_counter() - started)
+            times[name]["wall"].append(time.perf_counter() - wall)
+            times[name]["cpu"].append(time.process_time() - cpu)
             if device == "cuda":
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
     return times, params, peaks
 
 
-def max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def current_rss_mb() -> float:
+def memory_status_mb(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc (Linux)."""
     with open("/proc/self/status", encoding="utf-8") as handle:
-        return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:")) / 1024
+        return next(int(line.split()[1]) for line in handle if line.startswith(field + ":")) / 1024
 
 
 def memory_child(args):
@@ -196,7 +196,7 @@ def memory_child(args):
     name, batches_file = args.memory_child.split(":", 1)
     saved = torch.load(batches_file)
     model, optimizer = build(args, name, saved["vocab_size"], "cpu")
-    built = current_rss_mb()  # imports + model + optimizer (its state is allocated by the first step)
+    built = memory_status_mb("VmRSS")  # imports + model + optimizer (its state is allocated by the first step)
     try:  # forget the peak reached while importing, so the peak below is the training steps' (Linux >= 4.0)
         Path("/proc/self/clear_refs").write_text("5")
         reset = True
@@ -204,7 +204,9 @@ def memory_child(args):
         reset = False
     for step in range(args.memory_steps):
         train_step(model, optimizer, saved["batches"][step], args.seed, step)
-    print(json.dumps({"rss_after_build_mb": built, "peak_rss_mb": max_rss_mb(), "peak_reset_after_build": reset}))
+    # VmHWM, not getrusage's ru_maxrss: after fork + exec Linux starts ru_maxrss at the PARENT's resident size
+    print(json.dumps({"rss_after_build_mb": built, "peak_rss_mb": memory_status_mb("VmHWM"),
+                      "peak_reset_after_build": reset}))
 
 
 def cpu_memory(args, batches, vocab_size) -> dict:
@@ -232,18 +234,34 @@ def cpu_memory(args, batches, vocab_size) -> dict:
     return results
 
 
-def print_table(rows: dict, args):
-    print(f"\n{'variant':<16}{'step s':>9}{'x CTC':>8}{'params M':>10}{'export M':>10}{'peak MB':>9}"
-          f"{'+train MB':>11}   paper: {'hours':>6}{'x CTC':>7}{'params M':>10}   repeats (s)")
-    for name, row in rows.items():
-        memory = row.get("memory") or {}
+def print_table(rows: dict):
+    print(f"\n{'variant':<16}{'step s':>8}{'x CTC':>7}{'cpu x':>7}{'params M':>10}{'export M':>10}{'peak MB':>9}"
+          f"{'+train MB':>11}   paper: {'hours':>5}{'x CTC':>7}{'params M':>10}   repeats (s)")
+    fmt = lambda value, width: f"{value:>{width}.0f}" if value is not None else f"{'-':>{width}}"
+    for row in rows.values():
+        memory = row["memory"] or {}
         peak = memory.get("peak_rss_mb", memory.get("cuda_max_allocated_mb"))
-        added = memory.get("training_added_mb")
-        fmt = lambda value, width: f"{value:>{width}.0f}" if value is not None else f"{'-':>{width}}"
-        print(f"{row['label']:<16}{row['median_step_s']:>9.3f}{row['ratio_to_plain_ctc']:>8.2f}"
-              f"{row['parameters']['total'] / 1e6:>10.1f}{row['parameters']['export'] / 1e6:>10.1f}"
-              f"{fmt(peak, 9)}{fmt(added, 11)}          {row['paper']['hours']:>6.1f}{row['paper']['ratio']:>7.2f}"
-              f"{row['paper']['params_m']:>10.1f}   {' '.join(f'{t:.3f}' for t in row['step_times_s'])}")
+        print(f"{row['label']:<16}{row['median_step_s']:>8.2f}{row['ratio_to_plain_ctc']:>7.2f}"
+              f"{row['cpu_ratio_to_plain_ctc']:>7.2f}{row['parameters']['total'] / 1e6:>10.1f}"
+              f"{row['parameters']['export'] / 1e6:>10.1f}{fmt(peak, 9)}{fmt(memory.get('training_added_mb'), 11)}"
+              f"          {row['paper']['hours']:>5.1f}{row['paper']['ratio']:>7.2f}{row['paper']['params_m']:>10.1f}"
+              f"   {' '.join(f'{t:.2f}' for t in row['step_times_s'])}")
+
+
+def table_rows(args, times, params, memory) -> dict:
+    """One row per variant: medians, ratios to plain CTC (wall and CPU time), parameters, memory, the paper's row."""
+    plain = {kind: statistics.median(times["plain_ctc"][kind]) for kind in ("wall", "cpu")}
+    rows = {}
+    for name in args.variants:
+        overrides, label, hours, params_m = VARIANTS[name]
+        median, cpu_median = statistics.median(times[name]["wall"]), statistics.median(times[name]["cpu"])
+        rows[name] = {"label": label, "config": overrides, "step_times_s": times[name]["wall"],
+                      "step_cpu_times_s": times[name]["cpu"], "median_step_s": median,
+                      "ratio_to_plain_ctc": median / plain["wall"], "median_step_cpu_s": cpu_median,
+                      "cpu_ratio_to_plain_ctc": cpu_median / plain["cpu"], "parameters": params[name],
+                      "memory": memory.get(name),
+                      "paper": {"hours": hours, "ratio": hours / VARIANTS["plain_ctc"][2], "params_m": params_m}}
+    return rows
 
 
 def main(argv=None):
@@ -253,28 +271,20 @@ def main(argv=None):
         return memory_child(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()
     batches, vocab_size, tokenizer_origin = training_batches(args, args.warmup + args.repeats)
     if len(batches) < args.warmup + args.repeats:
         raise SystemExit(f"only {len(batches)} batches of {args.max_tokens} tokens in the data")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.device}, {args.threads} threads, "
-          f"load average {os.getloadavg()[0]:.2f}")
-    print(f"vocabulary: {tokenizer_origin}; batches: "
+          f"load average {load_at_start[0]:.2f}")
+    print(f"vocabulary: {tokenizer_origin}; batches (sentences x source len -> target len): "
           + ", ".join(f"{b['input_ids'].shape[0]}x{b['input_ids'].shape[1]}->{b['labels'].shape[1]}" for b in batches))
-    times, params, cuda_peaks = time_variants(args, batches, vocab_size)
+    # memory first, in subprocesses, while this process holds no model
     memory = cpu_memory(args, batches, vocab_size) if args.device == "cpu" and args.memory_steps else {}
-    for name, peak in cuda_peaks.items():
-        memory[name] = {"cuda_max_allocated_mb": peak / 2**20}
-    plain = statistics.median(times["plain_ctc"])
-    paper_plain = VARIANTS["plain_ctc"][2]
-    rows = {}
-    for name in args.variants:
-        median = statistics.median(times[name])
-        _, label, hours, params_m = VARIANTS[name]
-        rows[name] = {"label": label, "config": VARIANTS[name][0], "step_times_s": times[name], "median_step_s": median,
-                      "ratio_to_plain_ctc": median / plain, "parameters": params[name], "memory": memory.get(name),
-                      "paper": {"hours": hours, "ratio": hours / paper_plain, "params_m": params_m}}
-    print_table(rows, args)
+    times, params, cuda_peaks = time_variants(args, batches, vocab_size)
+    memory.update({name: {"cuda_max_allocated_mb": peak / 2**20} for name, peak in cuda_peaks.items()})
+    rows = table_rows(args, times, params, memory)
+    print_table(rows)
     target = None
     if "both" in rows:
         ratio = rows["both"]["ratio_to_plain_ctc"]
@@ -288,20 +298,20 @@ def main(argv=None):
                         "python": platform.python_version(), "device": args.device, "threads": args.threads,
                         "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                         "cuda_device": torch.cuda.get_device_name() if args.device == "cuda" else None,
-                        "load_average_at_end": os.getloadavg()},
+                        "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
         "setup": {"sizes": QUICK_SIZES if args.quick else BASE_SIZES, "vocab_size": vocab_size,
                   "tokenizer": tokenizer_origin, "max_tokens": args.max_tokens, "dropout": args.dropout,
                   "weak_ar_on_encoder": args.weak_ar_on_encoder, "warmup": args.warmup, "repeats": args.repeats,
                   "batch_shapes": [{k: list(v.shape) for k, v in b.items()} for b in batches],
                   "step": "zero_grad + forward + backward + AdamW step; median over interleaved repeats",
                   "memory": ("one subprocess per variant: RSS after imports + model + optimizer, then peak RSS "
-                             f"(ru_maxrss, reset after the build) over {args.memory_steps} training steps" if args.device == "cpu" else "torch.cuda.max_memory_allocated")},
+                             f"(VmHWM, reset after the build) over {args.memory_steps} training steps"
+                             if args.device == "cpu" else "torch.cuda.max_memory_allocated over the timed steps")},
         "variants": rows, "target": target, "wall_s": wall,
     }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report
-
 
 if __name__ == "__main__":
     main()
