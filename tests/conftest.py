@@ -4,11 +4,14 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 # Tiny models gain nothing from a second thread, and OpenMP thread teams stall badly on cores busy with other jobs.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration, train_weaknat_tokenizer  # noqa: E402
 
