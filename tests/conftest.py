@@ -73,3 +73,13 @@ def generates(model, tokenizer, sources) -> list[str]:
     texts = tokenizer.batch_decode(model.generate(**batch), skip_special_tokens=True)
     model.train(was_training)
     return texts
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A small vocabulary for the runs that do not test tokenizer training (it saves them a few seconds)."""
+    directory = tmp_path_factory.mktemp("tokenizer")
+    lines = [line for name in ("train.de", "train.en") for line in
+             (MULTI30K / name).read_text(encoding="utf-8").splitlines()[:400]]
+    train_weaknat_tokenizer(lines, vocab_size=300, num_threads=2, save_directory=directory)
+    return directory

@@ -1,5 +1,4 @@
 import itertools
-import math
 from functools import lru_cache
 
 import pytest

@@ -1,7 +1,6 @@
 """End to end: train.py runs (tiny model, CPU, offline), survives SIGKILL, runs on 2 processes, exports and pushes."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,43 +19,12 @@ for path in (REPO, REPO / "training"):  # training/ is a folder of scripts, not 
 
 import hf_weaknat  # noqa: E402,F401  (registers the pipeline)
 from checkpoints import MODEL_DIR, STATE_FILE, complete_checkpoints, resolve_checkpoint  # noqa: E402
-from hf_weaknat import WeakNATForConditionalGeneration, train_weaknat_tokenizer  # noqa: E402
-
-DEMO = str(REPO / "training/configs/demo.yaml")
-TRAIN = str(REPO / "training/train.py")
-# The demo recipe shrunk to seconds: a tiny model on 400 pairs, scored on 24 sentences
-TINY = ["--d_model", "32", "--encoder_layers", "1", "--decoder_layers", "2", "--encoder_attention_heads", "2",
-        "--decoder_attention_heads", "2", "--encoder_ffn_dim", "64", "--decoder_ffn_dim", "64",
-        "--max_position_embeddings", "48", "--max_train_samples", "400", "--max_eval_samples", "24",
-        "--max_tokens", "600", "--warmup_steps", "5", "--learning_rate", "3e-3", "--logging_steps", "2"]
-# One thread per process: tiny matrices gain nothing from two, and a busy machine stalls OpenMP thread teams badly
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-def run(command, timeout=240) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from hf_weaknat import WeakNATForConditionalGeneration  # noqa: E402
+from training_runs import DEMO, ENV, TINY, TRAIN, records, run  # noqa: E402
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(resolve_checkpoint(run_dir / "checkpoints", "latest") / MODEL_DIR / "model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    """A small vocabulary for the runs that do not test tokenizer training (it saves them a few seconds)."""
-    directory = tmp_path_factory.mktemp("tokenizer")
-    corpus = REPO / "training/data/multi30k"
-    lines = [line for name in ("train.de", "train.en") for line in
-             (corpus / name).read_text(encoding="utf-8").splitlines()[:400]]
-    train_weaknat_tokenizer(lines, vocab_size=300, num_threads=2, save_directory=directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

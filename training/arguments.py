@@ -22,7 +22,9 @@ class ModelArguments:
     """WeakNATConfig fields, same names and defaults (paper base setup); vocabulary and special ids come from the
     tokenizer. Plain CTC: `--weak_ar_layers 0`; glancing: `--glancing true`."""
 
-    model_type: str = field(default="weaknat", metadata={"help": "Model family; only 'weaknat' for now."})
+    model_type: str = field(default="weaknat", metadata={
+        "help": "weaknat (the NAR translator) or marian (transformers' MarianMTModel of the same sizes: the AR "
+                "baseline and distillation teacher; weak AR, upsampling and glancing fields do not apply)."})
     d_model: int = 512
     encoder_layers: int = 6
     decoder_layers: int = 6

@@ -15,10 +15,10 @@ if str(REPO_ROOT) not in sys.path:  # `training/` is a folder of scripts run fro
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
+from transformers import AutoModelForSeq2SeqLM, HfArgumentParser  # noqa: E402
 
+import hf_weaknat  # noqa: E402,F401  (registers the weaknat Auto classes)
 from checkpoints import CHECKPOINT_NAME, MODEL_DIR, best_score, complete_checkpoints  # noqa: E402
-from hf_weaknat import WeakNATForConditionalGeneration  # noqa: E402
 
 
 def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -40,7 +40,7 @@ def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str,
 
 def average_checkpoints(checkpoints: list[Path], output_dir: Path) -> Path:
     """Load each checkpoint's model, average, and save with the first one's config."""
-    models = [WeakNATForConditionalGeneration.from_pretrained(
+    models = [AutoModelForSeq2SeqLM.from_pretrained(
         c / MODEL_DIR if (c / MODEL_DIR).is_dir() else c) for c in checkpoints]
     averaged = average_state_dicts([m.state_dict() for m in models])
     models[0].load_state_dict(averaged)

@@ -77,7 +77,8 @@ def read_two_files(source_file: str, target_file: str, stamp: str = ""):
             raise ValueError(f"{source_file} and {target_file} have different numbers of lines") from error
 
 
-def tokenize_pairs(dataset, tokenizer, upsample_ratio: int, max_source_tokens: int, for_evaluation: bool = False):
+def tokenize_pairs(dataset, tokenizer, upsample_ratio: int | None, max_source_tokens: int,
+                   for_evaluation: bool = False):
     """Add `input_ids`, `labels`, `length` (the batching cost: longer side) and `fit` (FITS or the reason the pair
     cannot train) with a batched map.
 
@@ -99,21 +100,25 @@ def tokenize_pairs(dataset, tokenizer, upsample_ratio: int, max_source_tokens: i
 
 def _tokenize_batch(batch, tokenizer, upsample_ratio, max_source_tokens, truncate):
     source_limit = {"truncation": True, "max_length": max_source_tokens} if truncate else {}
-    target_limit = {"truncation": True, "max_length": upsample_ratio * max_source_tokens} if truncate else {}
+    target_limit = {"truncation": True, "max_length": (upsample_ratio or 1) * max_source_tokens} if truncate else {}
     sources = tokenizer(batch["source"], **source_limit)["input_ids"]
     targets = tokenizer(batch["target"], **target_limit)["input_ids"]
     return {"input_ids": sources, "labels": targets, "length": [max(len(s), len(t)) for s, t in zip(sources, targets)],
             "fit": [fit_reason(s, t, upsample_ratio, max_source_tokens) for s, t in zip(sources, targets)]}
 
 
-def fit_reason(source_ids: list[int], target_ids: list[int], upsample_ratio: int, max_source_tokens: int) -> int:
+def fit_reason(source_ids: list[int], target_ids: list[int], upsample_ratio: int | None,
+               max_source_tokens: int) -> int:
     """Why a pair cannot train, or FITS.
 
     CTC emits a target of n tokens with r adjacent repeats only if it has at least n + r frames (a blank must
-    separate repeats), and the model has `upsample_ratio` frames per source token.
+    separate repeats), and the model has `upsample_ratio` frames per source token. `upsample_ratio=None` is an
+    autoregressive model (the Marian baseline): its target only has to fit its `max_source_tokens` positions.
     """
     if len(source_ids) > max_source_tokens:
         return SOURCE_TOO_LONG
+    if upsample_ratio is None:
+        return TARGET_DOES_NOT_FIT if len(target_ids) > max_source_tokens else FITS
     repeats = sum(a == b for a, b in zip(target_ids, target_ids[1:]))
     if len(target_ids) + repeats > upsample_ratio * len(source_ids):
         return TARGET_DOES_NOT_FIT
@@ -194,22 +199,28 @@ def _split_options(data_args) -> dict:
 
 def tokenize_evaluation_splits(accelerator, splits: dict, tokenizer, model_args) -> dict:
     with accelerator.main_process_first():  # the main process fills the map cache, the others read it
-        return {name: tokenize_pairs(split, tokenizer, model_args.upsample_ratio, model_args.max_position_embeddings,
+        return {name: tokenize_pairs(split, tokenizer, frames_per_token(model_args), model_args.max_position_embeddings,
                                      for_evaluation=True)
                 for name, split in splits.items()}
+
+
+def frames_per_token(model_args) -> int | None:
+    """CTC frames per source token, or None for the autoregressive baseline (no frames to fit)."""
+    return model_args.upsample_ratio if model_args.model_type == "weaknat" else None
 
 
 def tokenize_training_split(accelerator, train, tokenizer, model_args):
     """Tokenize, then drop (and count) pairs that are too long or whose target cannot fit the CTC frames."""
     with accelerator.main_process_first():
-        train = tokenize_pairs(train, tokenizer, model_args.upsample_ratio, model_args.max_position_embeddings)
+        train = tokenize_pairs(train, tokenizer, frames_per_token(model_args), model_args.max_position_embeddings)
     if not isinstance(train, Dataset):
         stream_counts = StreamFilterCounts()
         return stream_counts.apply(train), stream_counts.counts  # the counts fill up as the stream is read
     train, counts = drop_unfit_pairs(train)
+    target_reason = (f"whose target cannot fit {model_args.upsample_ratio} frames per source token"
+                     if frames_per_token(model_args) else f"with a target over {model_args.max_position_embeddings} tokens")
     if counts["kept"] == 0:
         raise ValueError(f"No trainable pair left: {counts}")
     accelerator.print(f"Training pairs: {counts['kept']} kept; left out: {counts['source_too_long']} with a source "
-                      f"over {model_args.max_position_embeddings} tokens, {counts['target_does_not_fit']} whose target "
-                      f"cannot fit {model_args.upsample_ratio} frames per source token")
+                      f"over {model_args.max_position_embeddings} tokens, {counts['target_does_not_fit']} {target_reason}")
     return train, counts

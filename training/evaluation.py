@@ -1,4 +1,5 @@
-"""Validation: CTC loss, and sacreBLEU + chrF on greedy CTC translations, split across processes.
+"""Validation: loss, and sacreBLEU + chrF on greedy translations (CTC greedy, or greedy AR for the Marian baseline),
+split across processes.
 
 `evaluate.load("sacrebleu")` needs the Hub; `TranslationScores` is the same computation as an `evaluate.Metric`
 that works offline, and reports sacrebleu's signatures so scores can be quoted exactly.
@@ -10,6 +11,7 @@ import torch
 from accelerate.utils import DistributedType, gather_object
 from sacrebleu.metrics import BLEU, CHRF
 
+from ar_baseline import generation_limits
 from batching import collate, pack_by_tokens
 
 
@@ -63,10 +65,11 @@ def evaluate_split(accelerator, model, tokenizer, dataset, max_tokens: int) -> d
             batch = {k: v.to(accelerator.device)
                      for k, v in collate([examples[i] for i in batch_indices], tokenizer.pad_token_id).items()}
             out = model(**batch)
-            fitting = len(batch_indices) - int(out.num_unfit_pairs)
+            fitting = len(batch_indices) - int(getattr(out, "num_unfit_pairs", 0))  # AR models: all fit
             loss_sum += out.loss.float() * fitting
             scored_pairs += fitting
-            ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 **generation_limits(model, batch["input_ids"]))
             texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
             translations += [(indices[i], text) for i, text in zip(batch_indices, texts)]
     model.train(was_training)

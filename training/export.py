@@ -16,9 +16,9 @@ if str(REPO_ROOT) not in sys.path:  # `training/` is a folder of scripts run fro
     sys.path.insert(0, str(REPO_ROOT))
 
 from accelerate import Accelerator  # noqa: E402
-from transformers import AutoTokenizer, HfArgumentParser  # noqa: E402
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser  # noqa: E402
 
-from hf_weaknat import WeakNATForConditionalGeneration, push_export_to_hub  # noqa: E402
+from hf_weaknat import push_export_to_hub  # noqa: E402  (also registers the weaknat Auto classes)
 
 from checkpoints import MODEL_DIR, STATE_FILE, resolve_checkpoint  # noqa: E402
 from evaluation import evaluate_split  # noqa: E402
@@ -35,9 +35,10 @@ class ExportArguments:
     push_to_hub: str | None = field(default=None, metadata={"help": "Repo id to upload the export to."})
 
 
-def load_checkpoint_model(checkpoint: Path) -> WeakNATForConditionalGeneration:
-    """A training checkpoint keeps its weights in `model/`; an averaged model is a plain `from_pretrained` folder."""
-    return WeakNATForConditionalGeneration.from_pretrained(
+def load_checkpoint_model(checkpoint: Path):
+    """A training checkpoint keeps its weights in `model/`; an averaged model is a plain `from_pretrained` folder.
+    A WeakNAT or (the AR baseline) a MarianMTModel."""
+    return AutoModelForSeq2SeqLM.from_pretrained(
         checkpoint / MODEL_DIR if (checkpoint / MODEL_DIR).is_dir() else checkpoint)
 
 

@@ -12,7 +12,12 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_weaknat import export_for_hub
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "weaknat_translation.md"
+from ar_baseline import export_marian
+
+TEMPLATES = {"weaknat": Path(__file__).resolve().parents[1] / "model_cards" / "weaknat_translation.md",
+             "marian": Path(__file__).resolve().parents[1] / "model_cards" / "marian_baseline.md"}
+TAGS = {"weaknat": ["non-autoregressive", "ctc", "weak-ar-decoders", "custom_code"],
+        "marian": ["autoregressive", "marian", "baseline"]}
 SCORE_KEYS = {"sacrebleu": "bleu", "chrf": "chrf"}  # model-index metric type -> key in evaluation's scores
 LANGUAGE_NAMES = {"de": "German", "en": "English", "ro": "Romanian", "fr": "French", "cs": "Czech"}
 
@@ -24,6 +29,8 @@ def dataset_identity(dataset: str) -> tuple[str, bool]:
 
 def method_text(config) -> tuple[str, str]:
     """How the weak AR decoders were used: (one phrase for the summary, details for the training section)."""
+    if config.model_type != "weaknat":
+        return "", ""
     if config.weak_ar_layers == 0:
         summary, details = "as a plain CTC model (no weak AR decoders)", "none (plain CTC baseline)"
     else:
@@ -55,23 +62,26 @@ def build_model_card(*, model_name: str, config, num_parameters: int, scores: di
     card_data = ModelCardData(
         model_name=model_name, language=[source, target], license="apache-2.0", library_name="transformers",
         pipeline_tag="translation", metrics=["sacrebleu", "chrf"], datasets=[dataset_name] if on_hub else None,
-        tags=["non-autoregressive", "ctc", "weak-ar-decoders", "custom_code"] + (["distilled"] if data["distilled"]
-                                                                                  else []),
+        tags=TAGS[config.model_type] + (["distilled"] if data["distilled"] else []),
         eval_results=results,
     )
     summary, weak_ar = method_text(config)
+    decoding = ("greedy CTC (argmax, collapse repeats, drop blanks)" if config.model_type == "weaknat"
+                else "greedy autoregressive")
+    target_reason = ("whose target cannot fit the CTC frames" if config.model_type == "weaknat"
+                     else f"with targets over {config.max_position_embeddings} tokens")
     return ModelCard.from_template(
-        card_data, template_path=str(TEMPLATE), model_id=model_name, repo_or_path=repo_or_path,
+        card_data, template_path=str(TEMPLATES[config.model_type]), model_id=model_name, repo_or_path=repo_or_path,
         source_name=LANGUAGE_NAMES.get(source, source), target_name=LANGUAGE_NAMES.get(target, target),
         source_lang=source, target_lang=target, method_description=summary, weak_ar_text=weak_ar,
         num_parameters_text=f"{num_parameters:,}", config=config, example_source=example_source.replace('"', '\\"'),
         dataset_name=dataset_name, dataset_id=data["dataset"] if on_hub else dataset_name,
         dataset_config=data.get("dataset_config"), eval_split=eval_split, distilled=data["distilled"],
-        decoding="greedy CTC (argmax, collapse repeats, drop blanks)", bleu=scores["bleu"], chrf=scores["chrf"],
+        decoding=decoding, bleu=scores["bleu"], chrf=scores["chrf"],
         bleu_signature=scores["bleu_signature"], chrf_signature=scores["chrf_signature"],
         eval_sentences=scores["num_sentences"], learning_curve=learning_curve,
         filtered_text=(f"{filtered.get('source_too_long', 0)} with sources over {config.max_position_embeddings} "
-                       f"tokens, {filtered.get('target_does_not_fit', 0)} whose target cannot fit the CTC frames "
+                       f"tokens, {filtered.get('target_does_not_fit', 0)} {target_reason} "
                        f"(of {sum(filtered.values())} pairs)") if filtered else "none counted",
         optimisation_text=(f"{steps} updates, AdamW betas ({training['adam_beta1']}, {training['adam_beta2']}), lr "
                            f"{training['learning_rate']:g}, inverse-sqrt schedule with {training['warmup_steps']} "
@@ -84,8 +94,13 @@ def build_model_card(*, model_name: str, config, num_parameters: int, scores: di
 def export_with_card(model, tokenizer, export_dir: Path, *, run_args: dict, scores: dict, eval_split: str,
                      filtered: dict, steps: int, example_source: str, learning_curve: Path | None = None,
                      repo_id: str | None = None) -> Path:
-    """`export_for_hub`, then README.md (the card), the learning curve it shows and eval_results.json."""
-    export_dir = export_for_hub(model, export_dir, tokenizer)
+    """`export_for_hub` (a WeakNAT) or a plain MarianMTModel folder (the AR baseline), then README.md (the card), the
+    learning curve it shows and eval_results.json."""
+    if model.config.model_type == "weaknat":
+        export_dir = export_for_hub(model, export_dir, tokenizer)
+    else:
+        export_marian(model, tokenizer, export_dir)
+        export_dir = Path(export_dir)
     if learning_curve is not None and Path(learning_curve).is_file():
         shutil.copyfile(learning_curve, export_dir / "learning_curve.png")
     num_parameters = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("weak_ar."))

@@ -22,14 +22,15 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
-from transformers import AutoTokenizer, get_inverse_sqrt_schedule, pipeline  # noqa: E402
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, get_inverse_sqrt_schedule, pipeline  # noqa: E402
 
-from hf_weaknat import (  # noqa: E402
+from hf_weaknat import (  # noqa: E402  (also registers the weaknat Auto classes)
     WeakNATConfig, WeakNATForConditionalGeneration, push_export_to_hub, train_weaknat_tokenizer,
 )
 from hf_weaknat.tokenization_weaknat import blank_token_id  # noqa: E402
 
 import data  # noqa: E402
+from ar_baseline import build_marian_baseline, generation_limits  # noqa: E402
 from arguments import DataArguments, ModelArguments, TrainingArguments, parse_arguments  # noqa: E402
 from batching import TrainingBatches, collate, optimizer_steps  # noqa: E402
 from checkpoints import (  # noqa: E402
@@ -42,7 +43,8 @@ from records import MetricsLog, plot_learning_curve  # noqa: E402
 
 def build_accelerator(model_args: ModelArguments, train_args: TrainingArguments) -> Accelerator:
     # Without parameter sharing only the sampled weak AR decoders run in a step: DDP must expect unused parameters
-    unused = model_args.weak_ar_layers > 0 and not model_args.weak_ar_share_parameters
+    unused = (model_args.model_type == "weaknat" and model_args.weak_ar_layers > 0
+              and not model_args.weak_ar_share_parameters)
     trackers = [t for t in train_args.report_to.split(",") if t and t != "none"]
     if "tensorboard" in trackers and not _tensorboard_installed():
         trackers.remove("tensorboard")
@@ -88,9 +90,11 @@ def build_config(model_args: ModelArguments, tokenizer, max_steps: int) -> WeakN
 
 
 def build_model(model_args: ModelArguments, tokenizer, max_steps: int):
-    """The model to train; the place to add other families (e.g. `model_type: marian` for the AR baseline)."""
+    """The model to train: the WeakNAT translator, or (`model_type: marian`) the AR baseline / distillation teacher."""
+    if model_args.model_type == "marian":
+        return build_marian_baseline(model_args, tokenizer)
     if model_args.model_type != "weaknat":
-        raise ValueError(f"Unknown model_type {model_args.model_type!r}")
+        raise ValueError(f"Unknown model_type {model_args.model_type!r}: 'weaknat' or 'marian'")
     return WeakNATForConditionalGeneration(build_config(model_args, tokenizer, max_steps))
 
 
@@ -110,10 +114,12 @@ def train_step(accelerator, model, optimizer, scheduler, micro_batches, step: in
             out = model(**batch, training_step=step)
             accelerator.backward(out.loss / len(micro_batches))
         totals["loss"] += out.loss.item() / len(micro_batches)
-        totals["ctc_loss"] += out.ctc_loss.item() / len(micro_batches)
-        totals["ar_loss"] += (out.ar_loss.item() if out.ar_loss is not None else 0.0) / len(micro_batches)
+        # the AR baseline's output has no CTC/weak-AR terms and no unfit pairs
+        for key in ("ctc_loss", "ar_loss"):
+            term = getattr(out, key, None)
+            totals[key] += (term.item() if term is not None else 0.0) / len(micro_batches)
         totals["tokens"] += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
-        totals["unfit_pairs"] += int(out.num_unfit_pairs)
+        totals["unfit_pairs"] += int(getattr(out, "num_unfit_pairs", 0))
     if max_grad_norm > 0:
         totals["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
     optimizer.step()
@@ -183,10 +189,10 @@ class Trainer:
         # one collective for every process's window: mean losses, summed tokens
         sums = acc.reduce(torch.tensor([window["loss"], window["ctc_loss"], window["ar_loss"], window["tokens"],
                                         window["unfit_pairs"]], dtype=torch.float64, device=acc.device), "sum")
-        steps, world = window["steps"], acc.num_processes
+        steps, world, nar = window["steps"], acc.num_processes, self.model_args.model_type == "weaknat"
         record = {"split": "train", "step": self.state.step, "epoch": self.state.epoch,
-                  "loss": sums[0].item() / steps / world, "ctc_loss": sums[1].item() / steps / world,
-                  "ar_loss": sums[2].item() / steps / world if self.model_args.weak_ar_layers else None,
+                  "loss": sums[0].item() / steps / world, "ctc_loss": sums[1].item() / steps / world if nar else None,
+                  "ar_loss": sums[2].item() / steps / world if nar and self.model_args.weak_ar_layers else None,
                   "lr": self.scheduler.get_last_lr()[0],
                   "tokens_per_s": sums[3].item() / (time.time() - self.window_start),
                   "unfit_pairs_in_batches": int(sums[4].item()), "grad_norm": grad_norm}
@@ -263,7 +269,7 @@ def finish(trainer: Trainer):
                     **{k: v for k, v in scores.items() if k != "predictions"}})
     (run_dir / f"predictions-{eval_split}.txt").write_text("".join(p + "\n" for p in scores["predictions"]))
     curve = plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png")
-    model = WeakNATForConditionalGeneration.from_pretrained(trainer.last_saved_path / MODEL_DIR)
+    model = AutoModelForSeq2SeqLM.from_pretrained(trainer.last_saved_path / MODEL_DIR)
     export_dir = export_with_card(model, trainer.tokenizer, run_dir / "export",
                                   run_args=json.loads((run_dir / "run_args.json").read_text()), scores=scores,
                                   eval_split=eval_split, filtered=trainer.filtered, steps=trainer.state.step,
@@ -274,10 +280,19 @@ def finish(trainer: Trainer):
 
 
 def show_translations(export_dir: Path, sources: list[str], print_function):
-    """Translate a few sentences with the export itself, through the pipeline users will call."""
-    translator = pipeline("weaknat-translation", model=str(export_dir))
-    for source, output in zip(sources, translator(list(sources))):
-        print_function(f"  {source}\n  -> {output['translation_text']}")
+    """Translate a few sentences with the export itself, the way its users will: the pipeline for a WeakNAT,
+    `generate` with beam 5 for the Marian baseline (transformers 5 has no translation pipeline)."""
+    model = AutoModelForSeq2SeqLM.from_pretrained(export_dir)
+    if model.config.model_type == "weaknat":
+        outputs = [o["translation_text"] for o in pipeline("weaknat-translation", model=model,
+                                                           tokenizer=str(export_dir))(list(sources))]
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(export_dir)
+        batch = tokenizer(list(sources), padding=True, return_tensors="pt")
+        ids = model.generate(**batch, num_beams=5, **generation_limits(model, batch["input_ids"]))
+        outputs = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    for source, output in zip(sources, outputs):
+        print_function(f"  {source}\n  -> {output}")
 
 
 def main(argv: list[str] | None = None):

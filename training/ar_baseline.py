@@ -1,0 +1,87 @@
+"""The autoregressive baseline and distillation teacher: transformers' MarianMTModel, trained by train.py.
+
+`--model_type marian` trains it with the NAR's tokenizer, data pipeline, batching, optimiser and schedule; only
+the model and its loss differ. The same sizes as the NAR (d_model, layers, heads, FFN, dropout), post-LN, ReLU,
+shared and tied embeddings, Marian's conventions (decoder start = pad), label-smoothed cross-entropy (the paper's
+AR baseline). Its export is a plain MarianMTModel folder that any transformers user (and distill.py) can load.
+"""
+
+import torch
+import torch.nn.functional as F
+from transformers import MarianConfig, MarianMTModel
+from transformers.models.marian.modeling_marian import shift_tokens_right
+
+# WeakNAT-only model arguments that must keep their defaults for the AR baseline (a set value would be ignored)
+NAR_ONLY_DEFAULTS = {"normalize_before": False, "glancing": False}
+
+
+def marian_config(tokenizer, *, d_model: int, encoder_layers: int, decoder_layers: int, encoder_attention_heads: int,
+                  decoder_attention_heads: int, encoder_ffn_dim: int, decoder_ffn_dim: int, max_position_embeddings: int,
+                  dropout: float = 0.1, attention_dropout: float = 0.0, activation_dropout: float = 0.0,
+                  **extra) -> MarianConfig:
+    """A MarianConfig of the given sizes on `tokenizer`'s vocabulary (pad 0 / eos 2, decoder start = pad)."""
+    return MarianConfig(
+        vocab_size=len(tokenizer), d_model=d_model, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
+        encoder_attention_heads=encoder_attention_heads, decoder_attention_heads=decoder_attention_heads,
+        encoder_ffn_dim=encoder_ffn_dim, decoder_ffn_dim=decoder_ffn_dim, dropout=dropout,
+        attention_dropout=attention_dropout, activation_dropout=activation_dropout, activation_function="relu",
+        max_position_embeddings=max_position_embeddings, scale_embedding=True, share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id, **extra)
+
+
+class MarianBaseline(MarianMTModel):
+    """MarianMTModel with the loss the paper's AR baseline trains on: label-smoothed token cross-entropy.
+
+    `forward(input_ids, attention_mask, labels)` takes train.py's batches (labels padded with -100) and ignores the
+    NAR's `training_step`. Saved checkpoints load back as plain `MarianMTModel`s (same weights, same config).
+    """
+
+    def __init__(self, config: MarianConfig, label_smoothing: float = 0.1):
+        super().__init__(config)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, training_step=None, **kwargs):
+        if labels is not None and kwargs.get("decoder_input_ids") is None:
+            kwargs["decoder_input_ids"] = shift_tokens_right(labels, self.config.pad_token_id,
+                                                             self.config.decoder_start_token_id)
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if labels is not None:  # mean over target tokens, as MarianMTModel's own loss, plus smoothing
+            out.loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                       label_smoothing=self.label_smoothing)
+        return out
+
+
+def build_marian_baseline(model_args, tokenizer) -> MarianBaseline:
+    for name, default in NAR_ONLY_DEFAULTS.items():
+        if getattr(model_args, name) != default:
+            raise ValueError(f"--{name} {getattr(model_args, name)} has no meaning for --model_type marian "
+                             f"(MarianMTModel is a post-LN autoregressive Transformer)")
+    config = marian_config(tokenizer, **{name: getattr(model_args, name) for name in (
+        "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
+        "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings", "dropout", "attention_dropout",
+        "activation_dropout")})
+    return MarianBaseline(config, label_smoothing=model_args.label_smoothing)
+
+
+def generation_limits(model, input_ids: torch.Tensor, ratio: float = 2.0) -> dict:
+    """`generate` arguments bounding an AR model's output: ratio x source + 10 tokens, within its positions.
+
+    A NAR model's output length is fixed by its frames, so it needs none.
+    """
+    if model.config.model_type == "weaknat":
+        return {}
+    new_tokens = int(ratio * input_ids.shape[1]) + 10
+    positions = getattr(model.config, "max_position_embeddings", None)
+    return {"max_new_tokens": min(new_tokens, positions - 1) if positions else new_tokens}
+
+
+def export_marian(model: MarianMTModel, tokenizer, export_dir) -> None:
+    """The baseline as a plain MarianMTModel checkpoint (class name, config and weights) with its tokenizer."""
+    plain = MarianMTModel(model.config)
+    plain.load_state_dict(model.state_dict())
+    plain.config.architectures = ["MarianMTModel"]
+    plain.generation_config.max_length = model.config.max_position_embeddings
+    plain.save_pretrained(export_dir)
+    tokenizer.save_pretrained(export_dir)
