@@ -133,3 +133,20 @@ def test_analyze_cli_translates_with_an_exported_model_and_scores(tokenizer, tmp
     assert rescored.returncode == 0, rescored.stderr
     assert json.loads((tmp_path / "rescored.json").read_text())["bleu"] == pytest.approx(report["bleu"])
     assert not math.isnan(report["chrf"])
+
+
+def test_compare_runs_tabulates_and_plots_each_runs_own_validation_records(tmp_path):
+    logs = {"ctc": [(100, 5.0, 800.0), (200, 12.5, 820.0)], "weak": [(100, 4.0, 600.0), (200, 13.25, 640.0)]}
+    for name, points in logs.items():
+        (tmp_path / name).mkdir()
+        lines = [{"split": "train", "step": step, "tokens_per_s": speed} for step, _, speed in points]
+        lines += [{"split": "validation", "step": step, "bleu": bleu} for step, bleu, _ in points]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = subprocess.run([sys.executable, str(TRAINING / "compare_runs.py"), f"plain CTC={tmp_path / 'ctc'}",
+                          str(tmp_path / "weak"), "--plot", str(tmp_path / "curves.png"), "--json",
+                          str(tmp_path / "runs.json")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "| plain CTC | 5.00 | 12.50 | 12.50 | 810 |" in out.stdout
+    assert "| weak | 4.00 | 13.25 | 13.25 | 620 |" in out.stdout
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "runs.json").read_text())["weak"]["validation_bleu"] == {"100": 4.0, "200": 13.25}

@@ -37,10 +37,11 @@ from pathlib import Path
 import sacrebleu
 import torch
 import transformers
-from transformers import AutoTokenizer, MarianConfig, MarianMTModel
+from transformers import AutoTokenizer, MarianMTModel
 
 import hf_weaknat
 from analyze import read_lines
+from ar_baseline import marian_config
 from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration
 
 MULTI30K = Path(__file__).resolve().parent / "data" / "multi30k"
@@ -138,14 +139,10 @@ def build_ar(args, sizes, tokenizer):
     """MarianMTModel: same sizes, shared and tied embeddings, pad 0 / eos 2, decoder start = pad (Marian's way)."""
     if args.ar:
         return MarianMTModel.from_pretrained(args.ar, attn_implementation="sdpa").eval()
-    config = MarianConfig(vocab_size=len(tokenizer), d_model=sizes["d_model"], encoder_layers=sizes["layers"],
-                          decoder_layers=sizes["layers"], encoder_attention_heads=sizes["heads"],
-                          decoder_attention_heads=sizes["heads"], encoder_ffn_dim=sizes["ffn"],
-                          decoder_ffn_dim=sizes["ffn"], activation_function="relu", max_position_embeddings=512,
-                          scale_embedding=True, share_encoder_decoder_embeddings=True, tie_word_embeddings=True,
-                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                          bos_token_id=tokenizer.bos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
-                          forced_eos_token_id=tokenizer.eos_token_id, attn_implementation="sdpa")
+    config = marian_config(tokenizer, d_model=sizes["d_model"], encoder_layers=sizes["layers"],
+                           decoder_layers=sizes["layers"], encoder_attention_heads=sizes["heads"],
+                           decoder_attention_heads=sizes["heads"], encoder_ffn_dim=sizes["ffn"],
+                           decoder_ffn_dim=sizes["ffn"], max_position_embeddings=512, attn_implementation="sdpa")
     return MarianMTModel(config).eval()
 
 
