@@ -81,6 +81,14 @@ def test_marian_baseline_trains_validates_and_exports_a_plain_marian_model(teach
     assert f"test BLEU {test_bleu:.2f}" in log and "  -> " in log  # scored, then translated with the export
 
 
+def translate_alone(model, tokenizer, source: str) -> str:
+    """Beam-2 translation of one sentence, unbatched, within the teacher's 48 positions (2 x source + 10 tokens)."""
+    batch = tokenizer([source], truncation=True, max_length=48, return_tensors="pt")
+    limit = min(2 * batch["input_ids"].shape[1] + 10, model.config.max_position_embeddings - 1)
+    ids = model.generate(**batch, num_beams=2, max_new_tokens=limit)
+    return tokenizer.decode(ids[0], skip_special_tokens=True).strip()
+
+
 def distill(teacher: Path, output_dir: Path, *extra, launcher=(sys.executable,)) -> str:
     result = run([*launcher, DISTILL, "--teacher", str(teacher), "--output_dir", str(output_dir), "--num_beams", "2",
                   "--max_samples", "50", "--shard_size", "16", "--max_tokens", "256", "--keep_splits", "valid,test",
@@ -99,10 +107,7 @@ def test_distillation_translates_every_source_with_beam_search_and_resumes_by_sh
     # each line is the teacher's own beam-2 translation of that source, translated alone (no batch, no padding)
     model, tokenizer = MarianMTModel.from_pretrained(teacher).eval(), AutoTokenizer.from_pretrained(teacher)
     for i in (0, 17, 49):
-        batch = tokenizer([sources[i]], truncation=True, max_length=48, return_tensors="pt")  # the teacher's positions
-        limit = min(2 * batch["input_ids"].shape[1] + 10, model.config.max_position_embeddings - 1)
-        ids = model.generate(**batch, num_beams=2, max_new_tokens=limit)
-        assert distilled[i] == tokenizer.decode(ids[0], skip_special_tokens=True).strip()
+        assert distilled[i] == translate_alone(model, tokenizer, sources[i])
     for split in ("valid", "test"):  # kept with their human references
         assert (out / f"{split}.en").read_bytes() == (MULTI30K / f"{split}.en").read_bytes()
     record = json.loads((out / "distillation.json").read_text())
@@ -145,3 +150,18 @@ def test_train_py_trains_a_nar_student_on_the_distilled_corpus(teacher_run, toke
     assert json.loads((run_dir / "data_stats.json").read_text())["train_pairs"]["kept"] > 0
     card = ModelCard.load(run_dir / "export/README.md")
     assert "distilled" in card.data.tags and "knowledge distillation targets" in card.text
+
+
+def test_analyze_scores_an_ar_export_and_keeps_its_output_within_the_positions(teacher_run, tmp_path):
+    export = teacher_run[0] / "export"
+    sources = (MULTI30K / "test.de").read_text(encoding="utf-8").splitlines()[:6]
+    sources.append(" ".join(sources))  # far over the teacher's 48 positions: cut, never an index error
+    (tmp_path / "src.de").write_text("\n".join(sources) + "\n", encoding="utf-8")
+    (tmp_path / "ref.en").write_text("\n".join(["A reference ."] * len(sources)) + "\n", encoding="utf-8")
+    result = run([sys.executable, str(REPO / "training/analyze.py"), "--model", str(export), "--num_beams", "2",
+                  "--source", str(tmp_path / "src.de"), "--reference", str(tmp_path / "ref.en"),
+                  "--json", str(tmp_path / "a.json")])
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert len(report["translations"]) == len(sources) and "repeated tokens" in result.stdout
+    model, tokenizer = MarianMTModel.from_pretrained(export).eval(), AutoTokenizer.from_pretrained(export)
+    assert report["translations"][0] == translate_alone(model, tokenizer, sources[0])

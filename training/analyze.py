@@ -71,18 +71,22 @@ def translate(model_dir, sources: list[str], num_beams: int = 1, batch_size: int
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from ar_baseline import generation_limits
     from hf_weaknat import WeakNATForConditionalGeneration  # registers the weaknat Auto classes
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).to(device).eval()
     is_nar = isinstance(model, WeakNATForConditionalGeneration)
+    max_source_tokens = getattr(model.config, "max_position_embeddings", None)  # longer sources are cut
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))  # similar lengths batch with less padding
     translations = [""] * len(sources)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            batch = tokenizer([sources[i] for i in chunk], padding=True, truncation=True, return_tensors="pt").to(device)
-            extra = {} if is_nar else {"max_new_tokens": max_new_tokens}
+            batch = tokenizer([sources[i] for i in chunk], padding=True, truncation=True, max_length=max_source_tokens,
+                              return_tensors="pt").to(device)
+            extra = {} if is_nar else {"max_new_tokens": min(  # 2 x source + 10 within the model's positions
+                max_new_tokens, generation_limits(model, batch["input_ids"])["max_new_tokens"])}
             ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  num_beams=num_beams, **extra)
             for i, text in zip(chunk, tokenizer.batch_decode(ids, skip_special_tokens=True)):
