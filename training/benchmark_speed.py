@@ -41,7 +41,7 @@ from transformers import AutoTokenizer, MarianMTModel
 
 import hf_weaknat
 from analyze import read_lines
-from ar_baseline import marian_config
+from ar_baseline import generation_limits, marian_config
 from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration
 
 MULTI30K = Path(__file__).resolve().parent / "data" / "multi30k"
@@ -178,7 +178,7 @@ def ar_system(model, num_beams, forced_length):
         if forced_length:
             steps = dict(min_new_tokens=batch["steps"], max_new_tokens=batch["steps"])
         else:
-            steps = dict(max_new_tokens=2 * batch["input_ids"].shape[1] + 10)
+            steps = generation_limits(model, batch["input_ids"])  # 2 x source + 10, within the positions
         return model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               num_beams=num_beams, do_sample=False, use_cache=True, **steps)
     return run
@@ -241,9 +241,9 @@ def bleu_scores(args, systems, tokenizers, device) -> dict:
             continue
         tokenizer = tokenizers[name.split("_")[0]]
         hypotheses = translate_all(system, tokenizer, make_batches(tokenizer, sources, references, 64, device))
-        bleu = sacrebleu.corpus_bleu(hypotheses, [references])
-        scores[name] = {"bleu": bleu.score, "signature": str(sacrebleu.BLEU().get_signature()),
-                        "sentences": len(sources)}
+        metric = sacrebleu.BLEU()
+        scores[name] = {"bleu": metric.corpus_score(hypotheses, [references]).score,
+                        "signature": str(metric.get_signature()), "sentences": len(sources)}
     return scores
 
 
