@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from huggingface_hub import ModelCard
 from transformers import AutoTokenizer, MarianMTModel
 
-from conftest import MULTI30K
+from conftest import MULTI30K, tiny_config
+from hf_weaknat import WeakNATForConditionalGeneration, export_for_hub
 from training_runs import DEMO, ENV, REPO, TINY, TRAIN, records, run
 
 sys.path.insert(0, str(REPO / "training"))
@@ -165,3 +166,19 @@ def test_analyze_scores_an_ar_export_and_keeps_its_output_within_the_positions(t
     assert len(report["translations"]) == len(sources) and "repeated tokens" in result.stdout
     model, tokenizer = MarianMTModel.from_pretrained(export).eval(), AutoTokenizer.from_pretrained(export)
     assert report["translations"][0] == translate_alone(model, tokenizer, sources[0])
+
+
+def test_speed_benchmark_on_trained_checkpoints_scores_every_system(teacher_run, tokenizer_dir, tmp_path):
+    """`--nar/--ar` directories: each model with its own tokenizer, AR decoding to its own </s>, BLEU per system."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    nar = WeakNATForConditionalGeneration(tiny_config(vocab_size=len(tokenizer), max_position_embeddings=48))
+    export_for_hub(nar, tmp_path / "nar", tokenizer=tokenizer)
+    out = tmp_path / "speed.json"
+    run([sys.executable, str(REPO / "training/benchmark_speed.py"), "--quick", "--threads", "1", "--int8",
+         "--nar", str(tmp_path / "nar"), "--ar", str(teacher_run[0] / "export"), "--bleu_lines", "8", "--json", str(out)])
+    result = json.loads(out.read_text())["results"]["cpu"]
+    assert set(result["bleu"]) == {"nar_greedy", "nar_beam", "ar_greedy", "ar_beam", "nar_greedy_int8", "ar_greedy_int8"}
+    for score in result["bleu"].values():
+        assert score["sentences"] == 8 and score["signature"].startswith("nrefs:1|") and score["bleu"] >= 0
+    assert all(entry["ar_forced_steps"] is None for entry in result["batch_sizes"].values())  # a trained AR stops itself

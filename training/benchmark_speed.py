@@ -154,11 +154,12 @@ def quantized(model):
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def make_batches(tokenizer, sources, references, batch_size, device):
-    """Right-padded source batches; `steps` = longest reference in target tokens + 1 (its `</s>`)."""
+def make_batches(tokenizer, sources, references, batch_size, device, max_length: int = 256):
+    """Right-padded source batches, cut to the model's `max_length` source positions; `steps` = longest reference in
+    target tokens + 1 (its `</s>`)."""
     batches = []
     for start in range(0, len(sources), batch_size):
-        enc = tokenizer(sources[start:start + batch_size], padding=True, truncation=True, max_length=256,
+        enc = tokenizer(sources[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")
         refs = tokenizer(references[start:start + batch_size], add_special_tokens=False)["input_ids"]
         batches.append({"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
@@ -232,15 +233,17 @@ def translate_all(system, tokenizer, batches) -> list[str]:
     return [text for batch in batches for text in tokenizer.batch_decode(system(batch), skip_special_tokens=True)]
 
 
-def bleu_scores(args, systems, tokenizers, device) -> dict:
+def bleu_scores(args, systems, tokenizers, limits, device) -> dict:
     """sacreBLEU of each system whose weights are trained, on `--bleu_lines` test sentences at batch 64 (untimed)."""
     sources, references = read_lines(args.source, args.bleu_lines), read_lines(args.reference, args.bleu_lines)
     scores = {}
     for name, system in systems.items():
         if not (args.nar if name.startswith("nar") else args.ar):
             continue
-        tokenizer = tokenizers[name.split("_")[0]]
-        hypotheses = translate_all(system, tokenizer, make_batches(tokenizer, sources, references, 64, device))
+        key = name.split("_")[0]
+        tokenizer = tokenizers[key]
+        batches = make_batches(tokenizer, sources, references, 64, device, limits[key])
+        hypotheses = translate_all(system, tokenizer, batches)
         metric = sacrebleu.BLEU()
         scores[name] = {"bleu": metric.corpus_score(hypotheses, [references]).score,
                         "signature": str(metric.get_signature()), "sentences": len(sources)}
@@ -264,6 +267,7 @@ def build_systems(args, device, nar, ar, forced_length) -> dict:
 def run_device(args, device, nar, ar, tokenizers, forced_length) -> dict:
     """Every batch size on one device: the timing table of each, and BLEU where weights are trained."""
     systems = build_systems(args, device, nar, ar, forced_length)
+    limits = {"nar": nar.config.max_position_embeddings, "ar": ar.config.max_position_embeddings}
     sources, references = read_lines(args.source), read_lines(args.reference)
     by_batch_size = {}
     for bs in args.batch_sizes:
@@ -272,7 +276,7 @@ def run_device(args, device, nar, ar, tokenizers, forced_length) -> dict:
         if args.order == "sorted":
             pairs.sort(key=lambda pair: len(tokenizers["nar"](pair[0])["input_ids"]))
         src, ref = [s for s, _ in pairs], [r for _, r in pairs]
-        per_tokenizer = {key: make_batches(tok, src, ref, bs, device) for key, tok in tokenizers.items()}
+        per_tokenizer = {key: make_batches(tok, src, ref, bs, device, limits[key]) for key, tok in tokenizers.items()}
         batches = {name: per_tokenizer[name.split("_")[0]] for name in systems}
         started = time.perf_counter()
         with torch.inference_mode():
@@ -285,7 +289,7 @@ def run_device(args, device, nar, ar, tokenizers, forced_length) -> dict:
     result = {"batch_sizes": by_batch_size}
     if args.nar or args.ar:
         with torch.inference_mode():
-            result["bleu"] = bleu_scores(args, systems, tokenizers, device)
+            result["bleu"] = bleu_scores(args, systems, tokenizers, limits, device)
     return result
 
 
