@@ -21,11 +21,8 @@ def summarize_run(run_dir: Path) -> dict:
     records = read_records(Path(run_dir) / "metrics.jsonl")
     validation = [r for r in records if r["split"] == "validation"]
     speeds = [r["tokens_per_s"] for r in records if r["split"] == "train" and r.get("tokens_per_s")]
-    args_file = Path(run_dir) / "run_args.json"
-    arguments = json.loads(args_file.read_text()) if args_file.is_file() else {}
     return {
         "run_dir": str(run_dir),
-        "model_type": arguments.get("model", {}).get("model_type"),
         "steps": max((r["step"] for r in records), default=0),
         "validation_bleu": {r["step"]: r["bleu"] for r in validation},
         "best_validation_bleu": max((r["bleu"] for r in validation), default=None),

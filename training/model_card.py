@@ -14,10 +14,15 @@ from hf_weaknat import export_for_hub
 
 from ar_baseline import export_marian
 
-TEMPLATES = {"weaknat": Path(__file__).resolve().parents[1] / "model_cards" / "weaknat_translation.md",
-             "marian": Path(__file__).resolve().parents[1] / "model_cards" / "marian_baseline.md"}
-TAGS = {"weaknat": ["non-autoregressive", "ctc", "weak-ar-decoders", "custom_code"],
-        "marian": ["autoregressive", "marian", "baseline"]}
+CARDS = Path(__file__).resolve().parents[1] / "model_cards"
+# What differs between the two model families train.py exports, by config.model_type
+FAMILIES = {
+    "weaknat": {"template": CARDS / "weaknat_translation.md", "decoding": "greedy CTC (argmax, collapse repeats, "
+                "drop blanks)", "tags": ["non-autoregressive", "ctc", "weak-ar-decoders", "custom_code"],
+                "unfit_target": "whose target cannot fit the CTC frames"},
+    "marian": {"template": CARDS / "marian_baseline.md", "decoding": "greedy autoregressive",
+               "tags": ["autoregressive", "marian", "baseline"], "unfit_target": "with targets over the positions"},
+}
 SCORE_KEYS = {"sacrebleu": "bleu", "chrf": "chrf"}  # model-index metric type -> key in evaluation's scores
 LANGUAGE_NAMES = {"de": "German", "en": "English", "ro": "Romanian", "fr": "French", "cs": "Czech"}
 
@@ -52,6 +57,7 @@ def build_model_card(*, model_name: str, config, num_parameters: int, scores: di
                      learning_curve: str = "learning_curve.png") -> ModelCard:
     """`data`/`training`: the run's data and training arguments as dicts; `scores`: from evaluation.evaluate_split."""
     dataset_name, on_hub = dataset_identity(data["dataset"])
+    family = FAMILIES[config.model_type]
     source, target = data["source_lang"], data["target_lang"]
     task = f"Translation {source}→{target}"
     results = [EvalResult(task_type="translation", task_name=task, dataset_type=dataset_name, dataset_name=dataset_name,
@@ -62,26 +68,22 @@ def build_model_card(*, model_name: str, config, num_parameters: int, scores: di
     card_data = ModelCardData(
         model_name=model_name, language=[source, target], license="apache-2.0", library_name="transformers",
         pipeline_tag="translation", metrics=["sacrebleu", "chrf"], datasets=[dataset_name] if on_hub else None,
-        tags=TAGS[config.model_type] + (["distilled"] if data["distilled"] else []),
+        tags=family["tags"] + (["distilled"] if data["distilled"] else []),
         eval_results=results,
     )
     summary, weak_ar = method_text(config)
-    decoding = ("greedy CTC (argmax, collapse repeats, drop blanks)" if config.model_type == "weaknat"
-                else "greedy autoregressive")
-    target_reason = ("whose target cannot fit the CTC frames" if config.model_type == "weaknat"
-                     else f"with targets over {config.max_position_embeddings} tokens")
     return ModelCard.from_template(
-        card_data, template_path=str(TEMPLATES[config.model_type]), model_id=model_name, repo_or_path=repo_or_path,
+        card_data, template_path=str(family["template"]), model_id=model_name, repo_or_path=repo_or_path,
         source_name=LANGUAGE_NAMES.get(source, source), target_name=LANGUAGE_NAMES.get(target, target),
         source_lang=source, target_lang=target, method_description=summary, weak_ar_text=weak_ar,
         num_parameters_text=f"{num_parameters:,}", config=config, example_source=example_source.replace('"', '\\"'),
         dataset_name=dataset_name, dataset_id=data["dataset"] if on_hub else dataset_name,
         dataset_config=data.get("dataset_config"), eval_split=eval_split, distilled=data["distilled"],
-        decoding=decoding, bleu=scores["bleu"], chrf=scores["chrf"],
+        decoding=family["decoding"], bleu=scores["bleu"], chrf=scores["chrf"],
         bleu_signature=scores["bleu_signature"], chrf_signature=scores["chrf_signature"],
         eval_sentences=scores["num_sentences"], learning_curve=learning_curve,
         filtered_text=(f"{filtered.get('source_too_long', 0)} with sources over {config.max_position_embeddings} "
-                       f"tokens, {filtered.get('target_does_not_fit', 0)} {target_reason} "
+                       f"tokens, {filtered.get('target_does_not_fit', 0)} {family['unfit_target']} "
                        f"(of {sum(filtered.values())} pairs)") if filtered else "none counted",
         optimisation_text=(f"{steps} updates, AdamW betas ({training['adam_beta1']}, {training['adam_beta2']}), lr "
                            f"{training['learning_rate']:g}, inverse-sqrt schedule with {training['warmup_steps']} "
