@@ -44,11 +44,31 @@ def test_marian_loss_is_label_smoothed_cross_entropy_on_shifted_labels(tokenizer
                       return_tensors="pt")
     labels = batch["labels"].masked_fill(batch["labels"] == tokenizer.pad_token_id, -100)
     out = model(batch["input_ids"], batch["attention_mask"], labels=labels, training_step=3)
-    expected = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=0.1)
+    start = model.config.decoder_start_token_id  # the last id, never a target: outside the softmax
+    assert start == len(tokenizer) == model.config.vocab_size - 1
+    expected = F.cross_entropy(out.logits[..., :start].flatten(0, 1), labels.flatten(), ignore_index=-100,
+                               label_smoothing=0.1)
     assert torch.allclose(out.loss, expected)
-    model.label_smoothing = 0.0  # without smoothing it is exactly MarianMTModel's own loss
-    plain = MarianMTModel.forward(model, batch["input_ids"], batch["attention_mask"], labels=labels)
-    assert torch.allclose(model(batch["input_ids"], batch["attention_mask"], labels=labels).loss, plain.loss)
+
+
+def test_marian_decoder_start_keeps_a_zero_embedding_through_training(tokenizer):
+    """Marian's layout (CTranslate2 starts the decoder from a zero vector and drops the last row)."""
+    torch.manual_seed(0)
+    sizes = dict(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                 encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)
+    model = MarianBaseline(marian_config(tokenizer, **sizes), label_smoothing=0.1).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    batch = tokenizer(["Ein Hund rennt.", "Zwei Männer"], text_target=["A dog runs.", "Two men"], padding=True,
+                      return_tensors="pt")
+    labels = batch["labels"].masked_fill(batch["labels"] == tokenizer.pad_token_id, -100)
+    embeddings = model.get_input_embeddings().weight
+    before = embeddings.detach().clone()
+    for _ in range(3):
+        model(batch["input_ids"], batch["attention_mask"], labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.equal(embeddings[:-1], before[:-1])  # the rest trained
+    assert torch.count_nonzero(embeddings[-1]) == 0 and model.config.decoder_start_token_id == len(embeddings) - 1
 
 
 def test_marian_baseline_refuses_nar_only_options(tokenizer):

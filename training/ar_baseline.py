@@ -19,16 +19,34 @@ def marian_config(tokenizer, *, d_model: int, encoder_layers: int, decoder_layer
                   decoder_attention_heads: int, encoder_ffn_dim: int, decoder_ffn_dim: int, max_position_embeddings: int,
                   dropout: float = 0.1, attention_dropout: float = 0.0, activation_dropout: float = 0.0,
                   **extra) -> MarianConfig:
-    """A MarianConfig of the given sizes on `tokenizer`'s vocabulary (pad 0 / eos 2, decoder start = pad)."""
+    """A MarianConfig of the given sizes in Marian's vocabulary layout: the tokenizer's pieces, then one extra id.
+
+    As in every converted OPUS-MT model, that last id is the decoder start and the model's pad (a zero embedding,
+    never an output), which is what CTranslate2's Marian converter expects: it drops the last row and starts the
+    decoder from a zero vector. Sources are still padded with the tokenizer's `<pad>` under an attention mask.
+    """
+    start_id = len(tokenizer)
     return MarianConfig(
-        vocab_size=len(tokenizer), d_model=d_model, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
+        vocab_size=len(tokenizer) + 1, d_model=d_model, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
         encoder_attention_heads=encoder_attention_heads, decoder_attention_heads=decoder_attention_heads,
         encoder_ffn_dim=encoder_ffn_dim, decoder_ffn_dim=decoder_ffn_dim, dropout=dropout,
         attention_dropout=attention_dropout, activation_dropout=activation_dropout, activation_function="relu",
         max_position_embeddings=max_position_embeddings, scale_embedding=True, share_encoder_decoder_embeddings=True,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
-        forced_eos_token_id=tokenizer.eos_token_id, **extra)
+        tie_word_embeddings=True, pad_token_id=start_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, decoder_start_token_id=start_id, forced_eos_token_id=tokenizer.eos_token_id,
+        **extra)
+
+
+def set_marian_generation_defaults(model: MarianMTModel, tokenizer) -> MarianMTModel:
+    """Generation in the tokenizer's ids: outputs padded with its `<pad>` (so they decode, and a source without an
+    attention mask is masked correctly), the decoder start never generated (OPUS-MT's `bad_words_ids`)."""
+    config = model.generation_config
+    config.pad_token_id = tokenizer.pad_token_id
+    config.decoder_start_token_id = model.config.decoder_start_token_id
+    config.eos_token_id = config.forced_eos_token_id = tokenizer.eos_token_id
+    config.bad_words_ids = [[model.config.decoder_start_token_id]]
+    config.max_length = model.config.max_position_embeddings
+    return model
 
 
 class MarianBaseline(MarianMTModel):
@@ -48,7 +66,10 @@ class MarianBaseline(MarianMTModel):
                                                              self.config.decoder_start_token_id)
         out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if labels is not None:  # mean over target tokens, as MarianMTModel's own loss, plus smoothing
-            out.loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+            # the decoder start (last id) is never a target: leaving it out of the softmax keeps its tied embedding
+            # at exactly zero, the start vector CTranslate2 assumes
+            logits = out.logits[..., :self.config.decoder_start_token_id]
+            out.loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                        label_smoothing=self.label_smoothing)
         return out
 
@@ -62,7 +83,7 @@ def build_marian_baseline(model_args, tokenizer) -> MarianBaseline:
         "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
         "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings", "dropout", "attention_dropout",
         "activation_dropout")})
-    return MarianBaseline(config, label_smoothing=model_args.label_smoothing)
+    return set_marian_generation_defaults(MarianBaseline(config, label_smoothing=model_args.label_smoothing), tokenizer)
 
 
 def generation_limits(model, input_ids: torch.Tensor, ratio: float = 2.0) -> dict:
@@ -82,6 +103,6 @@ def export_marian(model: MarianMTModel, tokenizer, export_dir) -> None:
     plain = MarianMTModel(model.config)
     plain.load_state_dict(model.state_dict())
     plain.config.architectures = ["MarianMTModel"]
-    plain.generation_config.max_length = model.config.max_position_embeddings
+    set_marian_generation_defaults(plain, tokenizer)
     plain.save_pretrained(export_dir)
     tokenizer.save_pretrained(export_dir)

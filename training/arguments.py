@@ -90,6 +90,8 @@ class TrainingArguments:
     save_steps: int = 1000
     save_total_limit: int = field(default=3, metadata={"help": "Newest checkpoints kept."})
     keep_best: int = field(default=1, metadata={"help": "Best checkpoints (validation BLEU) kept as well."})
+    early_stopping_patience: int = field(default=0, metadata={
+        "help": "Stop after this many validations in a row without a new best BLEU; 0 = train to max_steps."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest, best or a path."})
     report_to: str = field(default="tensorboard", metadata={"help": "Accelerate trackers, comma-separated, or none."})
     push_to_hub: str | None = field(default=None, metadata={"help": "Repo id to upload the export to."})

@@ -162,15 +162,28 @@ class Trainer:
                 state.batches_in_epoch += len(group)
                 self.bar.update(1)
                 self.after_step(totals)
-                if state.step >= args.max_steps:
+                if state.step >= args.max_steps or self.plateaued():
                     break
             else:
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                continue
+            break  # max_steps reached, or the validation BLEU stopped improving
         self.bar.close()
         if str(state.step) not in state.validation_bleu and self.args.eval_steps > 0:
             self.validate()
         if self.last_saved_step != state.step:
             self.save()
+
+    def plateaued(self) -> bool:
+        """Validation BLEU has not reached a new best for `early_stopping_patience` validations in a row."""
+        patience, scores = self.args.early_stopping_patience, list(self.state.validation_bleu.values())
+        if patience <= 0 or len(scores) <= patience:
+            return False
+        stale = len(scores) - 1 - max(range(len(scores)), key=scores.__getitem__)
+        if stale >= patience:
+            self.accelerator.print(f"\nValidation BLEU has not improved for {stale} validations: stopping at step "
+                                   f"{self.state.step}")
+        return stale >= patience
 
     def after_step(self, totals: dict):
         step, args = self.state.step, self.args
