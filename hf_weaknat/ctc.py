@@ -13,6 +13,19 @@ import torch
 NEG_INF = float("-inf")
 
 
+def ctc_min_frames(targets, target_lengths):
+    """The fewest frames CTC can emit each target from: one per token, plus a blank between adjacent repeats.
+
+    targets: (batch, tgt_len) long, anything past `target_lengths` (batch,) is ignored. Returns (batch,) long.
+    The one definition of "a target fits its frames" (`frames >= ctc_min_frames(...)`), used by the CTC loss,
+    glancing's alignment and the training data filter alike.
+    """
+    positions = torch.arange(targets.shape[1], device=targets.device)
+    real_pairs = positions[1:] < target_lengths[:, None]
+    repeats = ((targets[:, 1:] == targets[:, :-1]) & real_pairs).sum(dim=1)
+    return target_lengths + repeats
+
+
 def collapse_repeats_and_blanks(frame_ids, frame_mask, blank_id, pad_id):
     """Turn a frame-level CTC labelling into a token sequence.
 
@@ -114,9 +127,7 @@ def ctc_viterbi_align(log_probs, frame_lengths, targets, target_lengths, blank_i
     score_blank = alpha.gather(1, end_blank[:, None]).squeeze(1)
     score_token = alpha.gather(1, end_token[:, None]).squeeze(1)
     state = torch.where(score_token > score_blank, end_token, end_blank)
-    # a target needs one frame per token plus one blank between adjacent repeats
-    repeats = ((tgt[:, 1:] == tgt[:, :-1]) & (tgt_pos[1:] < target_lengths[:, None])).sum(dim=1)
-    fits = frame_lengths >= target_lengths + repeats
+    fits = frame_lengths >= ctc_min_frames(tgt, target_lengths)
 
     rows = torch.arange(batch, device=device)
     align = torch.full((batch, frames), blank_id, dtype=torch.long, device=device)

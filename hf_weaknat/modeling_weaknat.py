@@ -21,7 +21,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
 from .configuration_weaknat import WeakNATConfig
-from .ctc import collapse_repeats_and_blanks, ctc_prefix_beam_search, ctc_viterbi_align
+from .ctc import collapse_repeats_and_blanks, ctc_min_frames, ctc_prefix_beam_search, ctc_viterbi_align
 
 logger = logging.get_logger(__name__)
 
@@ -318,8 +318,7 @@ def ctc_loss(logits, frame_mask, labels, blank_token_id):
     """
     target_mask = labels != -100
     target_lengths, frame_lengths = target_mask.sum(1), frame_mask.sum(1)
-    repeats = ((labels[:, 1:] == labels[:, :-1]) & target_mask[:, 1:]).sum(1)
-    fits = frame_lengths >= target_lengths + repeats
+    fits = frame_lengths >= ctc_min_frames(labels, target_lengths)
     log_probs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # (frames, batch, vocab), float32 for CTC
     per_pair = F.ctc_loss(log_probs, labels.masked_fill(~target_mask, 0), frame_lengths, target_lengths,
                           blank=blank_token_id, reduction="none", zero_infinity=True)

@@ -14,8 +14,11 @@ import inspect
 from pathlib import Path
 
 import numpy as np
+import torch
 from datasets import Dataset, IterableDataset, load_dataset
 from datasets.fingerprint import Hasher
+
+from hf_weaknat.ctc import ctc_min_frames
 
 # Reasons a training pair is left out (stored per example in the `fit` column)
 FITS, SOURCE_TOO_LONG, TARGET_DOES_NOT_FIT = 0, 1, 2
@@ -119,8 +122,8 @@ def fit_reason(source_ids: list[int], target_ids: list[int], upsample_ratio: int
         return SOURCE_TOO_LONG
     if upsample_ratio is None:
         return TARGET_DOES_NOT_FIT if len(target_ids) > max_source_tokens else FITS
-    repeats = sum(a == b for a, b in zip(target_ids, target_ids[1:]))
-    if len(target_ids) + repeats > upsample_ratio * len(source_ids):
+    needed = ctc_min_frames(torch.tensor([target_ids]), torch.tensor([len(target_ids)])).item()
+    if needed > upsample_ratio * len(source_ids):
         return TARGET_DOES_NOT_FIT
     return FITS
 
