@@ -1,14 +1,17 @@
-"""CTC decoding and alignment utilities, pure torch.
+"""CTC in pure torch: the fit rule, the loss, greedy decoding, Viterbi alignment and prefix beam search.
 
 Shapes use the names batch, frames (decoder output positions), vocab and
 tgt_len. This file is shipped as Hugging Face remote code next to the model,
-so it depends on nothing but the standard library and torch.
+so it depends on nothing but the standard library and torch. The slow
+plain-Python references at the end exist for the tests.
 """
 
 import math
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 NEG_INF = float("-inf")
 
@@ -24,6 +27,23 @@ def ctc_min_frames(targets, target_lengths):
     real_pairs = positions[1:] < target_lengths[:, None]
     repeats = ((targets[:, 1:] == targets[:, :-1]) & real_pairs).sum(dim=1)
     return target_lengths + repeats
+
+
+def ctc_loss(logits, frame_mask, labels, blank_id):
+    """Per-sentence CTC loss divided by target length, averaged over the pairs whose target fits its frames.
+
+    logits (batch, frames, vocab); frame_mask (batch, frames) bool; labels (batch, tgt_len), right-padded with -100.
+    Returns (loss, fits): pairs that do not fit (`ctc_min_frames`) are left out of the mean and reported in
+    `fits` (batch,), never turned into inf/NaN.
+    """
+    target_mask = labels != -100
+    target_lengths, frame_lengths = target_mask.sum(1), frame_mask.sum(1)
+    fits = frame_lengths >= ctc_min_frames(labels, target_lengths)
+    log_probs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # (frames, batch, vocab), float32 for CTC
+    per_pair = F.ctc_loss(log_probs, labels.masked_fill(~target_mask, 0), frame_lengths, target_lengths,
+                          blank=blank_id, reduction="none", zero_infinity=True)
+    per_pair = per_pair / target_lengths.clamp(min=1)
+    return (per_pair * fits).sum() / fits.sum().clamp(min=1), fits
 
 
 def collapse_repeats_and_blanks(frame_ids, frame_mask, blank_id, pad_id):
@@ -68,6 +88,69 @@ def _shift_right(x, k):
     return torch.cat([torch.full_like(x[:, :k], NEG_INF), x[:, : x.shape[1] - k]], dim=1)
 
 
+def _extended_labels(targets, target_lengths, blank_id):
+    """The CTC lattice's states: blank, y1, blank, y2, ..., yL, blank. targets (batch, tgt_len), padding ignored.
+
+    Returns (ext (batch, 2 * tgt_len + 1) label of each state, state_ok (batch, states) within the row's target,
+    can_skip (batch, states) whether a path may jump over the blank before the state).
+    """
+    batch, tgt_len = targets.shape
+    n_states = 2 * tgt_len + 1
+    ext = torch.full((batch, n_states), blank_id, dtype=torch.long, device=targets.device)
+    ext[:, 1::2] = targets
+    state_ok = torch.arange(n_states, device=targets.device) < (2 * target_lengths[:, None] + 1)
+    # the +2 skip jumps over a blank; it is only allowed into a token that differs
+    # from the previous token, otherwise the two would merge into one
+    can_skip = torch.zeros_like(state_ok)
+    can_skip[:, 3::2] = ext[:, 3::2] != ext[:, 1:-2:2]
+    return ext, state_ok, can_skip
+
+
+def _viterbi_forward(emit, frame_lengths, state_ok, can_skip):
+    """Best score of each lattice state after each row's frames, and the move that reached it.
+
+    emit (batch, frames, states) log probs. Returns (alpha (batch, states), backptr (batch, frames, states): how
+    many states back the best predecessor is, 0, 1 or 2).
+    """
+    batch, frames, n_states = emit.shape
+    # zero frames consumed: only the empty alignment (state 0, score 0) exists
+    alpha = torch.full((batch, n_states), NEG_INF, device=emit.device)
+    alpha[:, 0] = 0.0
+    backptr = torch.zeros((batch, frames, n_states), dtype=torch.uint8, device=emit.device)
+    if frames > 0:
+        first = torch.full_like(alpha, NEG_INF)
+        first[:, :2] = emit[:, 0, :2]  # a path starts in the leading blank or the first token
+        alpha = torch.where(frame_lengths[:, None] > 0, first.masked_fill(~state_ok, NEG_INF), alpha)
+    for t in range(1, frames):
+        moves = torch.stack(
+            [alpha, _shift_right(alpha, 1), _shift_right(alpha, 2).masked_fill(~can_skip, NEG_INF)], dim=-1
+        )
+        best, step = moves.max(dim=-1)  # step = how many states back the best predecessor is
+        new = (best + emit[:, t]).masked_fill(~state_ok, NEG_INF)
+        # frames past the row's length must not change its lattice
+        alpha = torch.where((t < frame_lengths)[:, None], new, alpha)
+        backptr[:, t] = step.to(torch.uint8)
+    return alpha, backptr
+
+
+def _viterbi_backtrace(alpha, backptr, ext, frame_lengths, target_lengths, blank_id):
+    """Follow the back pointers from the best complete path's end: (batch, frames) label per frame."""
+    batch, frames, _ = backptr.shape
+    # a complete path ends in the final blank or the final token
+    end_blank = 2 * target_lengths
+    end_token = (end_blank - 1).clamp(min=0)
+    score_blank = alpha.gather(1, end_blank[:, None]).squeeze(1)
+    score_token = alpha.gather(1, end_token[:, None]).squeeze(1)
+    state = torch.where(score_token > score_blank, end_token, end_blank)
+    rows = torch.arange(batch, device=alpha.device)
+    align = torch.full((batch, frames), blank_id, dtype=torch.long, device=alpha.device)
+    for t in range(frames - 1, -1, -1):
+        active = t < frame_lengths
+        align[:, t] = torch.where(active, ext[rows, state], blank_id)
+        state = torch.where(active, state - backptr[rows, t, state].long(), state).clamp(min=0)
+    return align
+
+
 @torch.no_grad()
 def ctc_viterbi_align(log_probs, frame_lengths, targets, target_lengths, blank_id):
     """Most probable CTC alignment of each target onto its valid frames.
@@ -84,7 +167,6 @@ def ctc_viterbi_align(log_probs, frame_lengths, targets, target_lengths, blank_i
     batch, frames, vocab = log_probs.shape
     device = log_probs.device
     tgt_len = targets.shape[1]
-    n_states = 2 * tgt_len + 1
     # -inf inputs are clamped to a huge finite penalty: every structurally valid
     # path keeps a finite score, so -inf in the lattice only means "unreachable"
     lp = log_probs.float().clamp(min=-1e30)
@@ -92,51 +174,12 @@ def ctc_viterbi_align(log_probs, frame_lengths, targets, target_lengths, blank_i
     target_lengths = target_lengths.to(device).long().clamp(0, tgt_len)
     tgt_pos = torch.arange(tgt_len, device=device)
     tgt = torch.where(tgt_pos < target_lengths[:, None], targets.to(device).long(), blank_id)
-
-    # extended label sequence: blank, y1, blank, y2, ..., yL, blank
-    ext = torch.full((batch, n_states), blank_id, dtype=torch.long, device=device)
-    ext[:, 1::2] = tgt
-    state_ok = torch.arange(n_states, device=device) < (2 * target_lengths[:, None] + 1)
-    # the +2 skip jumps over a blank; it is only allowed into a token that differs
-    # from the previous token, otherwise the two would merge into one
-    can_skip = torch.zeros_like(state_ok)
-    can_skip[:, 3::2] = ext[:, 3::2] != ext[:, 1:-2:2]
-    emit = lp.gather(2, ext[:, None, :].expand(batch, frames, n_states))  # (batch, frames, n_states)
-
-    # zero frames consumed: only the empty alignment (state 0, score 0) exists
-    alpha = torch.full((batch, n_states), NEG_INF, device=device)
-    alpha[:, 0] = 0.0
-    backptr = torch.zeros((batch, frames, n_states), dtype=torch.uint8, device=device)  # 0, 1 or 2
-    if frames > 0:
-        first = torch.full_like(alpha, NEG_INF)
-        first[:, :2] = emit[:, 0, :2]  # a path starts in the leading blank or the first token
-        alpha = torch.where(frame_lengths[:, None] > 0, first.masked_fill(~state_ok, NEG_INF), alpha)
-    for t in range(1, frames):
-        moves = torch.stack(
-            [alpha, _shift_right(alpha, 1), _shift_right(alpha, 2).masked_fill(~can_skip, NEG_INF)], dim=-1
-        )
-        best, step = moves.max(dim=-1)  # step = how many states back the best predecessor is
-        new = (best + emit[:, t]).masked_fill(~state_ok, NEG_INF)
-        # frames past the row's length must not change its lattice
-        alpha = torch.where((t < frame_lengths)[:, None], new, alpha)
-        backptr[:, t] = step.to(torch.uint8)
-
-    # a complete path ends in the final blank or the final token
-    end_blank = 2 * target_lengths
-    end_token = (end_blank - 1).clamp(min=0)
-    score_blank = alpha.gather(1, end_blank[:, None]).squeeze(1)
-    score_token = alpha.gather(1, end_token[:, None]).squeeze(1)
-    state = torch.where(score_token > score_blank, end_token, end_blank)
+    ext, state_ok, can_skip = _extended_labels(tgt, target_lengths, blank_id)
+    emit = lp.gather(2, ext[:, None, :].expand(batch, frames, ext.shape[1]))  # (batch, frames, states)
+    alpha, backptr = _viterbi_forward(emit, frame_lengths, state_ok, can_skip)
+    align = _viterbi_backtrace(alpha, backptr, ext, frame_lengths, target_lengths, blank_id)
     fits = frame_lengths >= ctc_min_frames(tgt, target_lengths)
-
-    rows = torch.arange(batch, device=device)
-    align = torch.full((batch, frames), blank_id, dtype=torch.long, device=device)
-    for t in range(frames - 1, -1, -1):
-        active = t < frame_lengths
-        align[:, t] = torch.where(active, ext[rows, state], blank_id)
-        state = torch.where(active, state - backptr[rows, t, state].long(), state).clamp(min=0)
-    align = torch.where(fits[:, None], align, blank_id)
-    return align, fits
+    return torch.where(fits[:, None], align, blank_id), fits
 
 
 def _topk_stable(scores, k):
@@ -155,6 +198,90 @@ def _topk_stable(scores, k):
     vals = scores.gather(1, idx)
     order = torch.sort(vals, dim=1, descending=True, stable=True).indices
     return vals.gather(1, order), idx.gather(1, order)
+
+
+class _Beams(NamedTuple):
+    """The state of a batched prefix beam search; K beams per row, a prefix never longer than the frames."""
+
+    prefixes: torch.Tensor  # (batch, K, frames) long, -1 past the prefix's length
+    lengths: torch.Tensor  # (batch, K)
+    last: torch.Tensor  # (batch, K) last token, -1 for the empty prefix
+    p_b: torch.Tensor  # (batch, K) log prob of the prefix with the last frame a blank
+    p_nb: torch.Tensor  # (batch, K) ... with the last frame a token; a dead slot has both -inf
+
+
+def _empty_beams(batch, beam_size, frames, dtype, device) -> _Beams:
+    p_b = torch.full((batch, beam_size), NEG_INF, dtype=dtype, device=device)
+    p_b[:, 0] = 0.0  # the empty prefix; the other slots are dead (-inf)
+    return _Beams(prefixes=torch.full((batch, beam_size, frames), -1, dtype=torch.long, device=device),
+                  lengths=torch.zeros((batch, beam_size), dtype=torch.long, device=device),
+                  last=torch.full((batch, beam_size), -1, dtype=torch.long, device=device), p_b=p_b,
+                  p_nb=torch.full_like(p_b, NEG_INF))
+
+
+def _frame_candidates(beams: _Beams, lp_t, cand, blank_id):
+    """Scores of every way to extend the beams by one frame with log probs lp_t (batch, vocab).
+
+    cand (batch, n_cand): the tokens that may extend a prefix. Returns (p_b, p_nb, last, src), each
+    (batch, K + K * n_cand): first the K "stays" (prefix unchanged), then the extensions beam by beam; src is
+    the beam each candidate grows from.
+    """
+    (batch, K), n_cand = beams.last.shape, cand.shape[1]
+    pos = torch.arange(beams.prefixes.shape[2], device=lp_t.device)
+    p_b, p_nb, last = beams.p_b, beams.p_nb, beams.last
+    p_tot = torch.logaddexp(p_b, p_nb)
+    alive = torch.isfinite(p_tot)
+    lp_last = lp_t.gather(1, last.clamp(min=0)).masked_fill(last < 0, NEG_INF)  # (batch, K)
+    # "stay": the prefix is unchanged (emit blank, or repeat the last token)
+    stay_b = p_tot + lp_t[:, blank_id, None]
+    stay_nb = p_nb + lp_last
+    # "extend" beam j by token c; a repeat of the last token needs a blank in between
+    ext_base = torch.where(cand[:, None, :] == last[:, :, None], p_b[:, :, None], p_tot[:, :, None])
+    # (topk may return the blank as a tie when tokens have -inf log prob)
+    lp_cand = lp_t.gather(1, cand).masked_fill(cand == blank_id, NEG_INF)
+    ext_nb = ext_base + lp_cand[:, None, :]  # (batch, K, n_cand)
+
+    # extension of beam j by last_k equals beam k's prefix iff j is k's parent:
+    # merge that probability into k's stay and drop the duplicate extension
+    prefixes, lengths = beams.prefixes, beams.lengths
+    same = (prefixes[:, :, None, :] == prefixes[:, None, :, :]) | (pos >= lengths[:, None, :, None])
+    parent = (  # [b, k, j]
+        same.all(dim=-1)
+        & (lengths[:, :, None] == lengths[:, None, :] + 1)
+        & alive[:, :, None]
+        & alive[:, None, :]
+    )
+    base_kj = torch.where(last[:, :, None] == last[:, None, :], p_b[:, None, :], p_tot[:, None, :])
+    merged = (base_kj + lp_last[:, :, None]).masked_fill(~parent, NEG_INF)  # from lp, even if pruned
+    stay_nb = torch.logaddexp(stay_nb, merged.logsumexp(dim=2))
+    is_last_k = (cand[:, None, :] == last[:, :, None]).to(lp_t.dtype)  # [b, k, c]
+    dup = torch.bmm(parent.transpose(1, 2).to(lp_t.dtype), is_last_k) > 0  # [b, j, c]
+    ext_nb = ext_nb.masked_fill(dup, NEG_INF)
+
+    all_b = torch.cat([stay_b, torch.full_like(ext_nb.flatten(1), NEG_INF)], dim=1)
+    all_nb = torch.cat([stay_nb, ext_nb.flatten(1)], dim=1)
+    all_last = torch.cat([last, cand[:, None, :].expand(batch, K, n_cand).flatten(1)], dim=1)
+    beam_ids = torch.arange(K, device=lp_t.device)
+    all_src = torch.cat([beam_ids, beam_ids.repeat_interleave(n_cand)]).expand(batch, -1)
+    return all_b, all_nb, all_last, all_src
+
+
+def _keep_best(beams: _Beams, all_b, all_nb, all_last, all_src) -> _Beams:
+    """The K best candidates (stable: ties keep the lower index) as the next beams."""
+    (batch, K), frames = beams.last.shape, beams.prefixes.shape[2]
+    pos = torch.arange(frames, device=all_b.device)
+    top, idx = _topk_stable(torch.logaddexp(all_b, all_nb), K)
+    is_ext = idx >= K
+    src = all_src.gather(1, idx)
+    new_last = all_last.gather(1, idx)
+    dead = ~torch.isfinite(top)
+    src_len = beams.lengths.gather(1, src)
+    new_pref = beams.prefixes.gather(1, src[:, :, None].expand(batch, K, frames))
+    append_here = is_ext[:, :, None] & (pos == src_len[:, :, None])
+    new_pref = torch.where(append_here, new_last[:, :, None], new_pref)
+    return _Beams(prefixes=new_pref.masked_fill(dead[:, :, None], -1),
+                  lengths=(src_len + is_ext.long()).masked_fill(dead, 0), last=new_last.masked_fill(dead, -1),
+                  p_b=all_b.gather(1, idx), p_nb=all_nb.gather(1, idx))
 
 
 @torch.no_grad()
@@ -176,89 +303,22 @@ def ctc_prefix_beam_search(log_probs, frame_lengths, blank_id, pad_id, beam_size
     frame_lengths = frame_lengths.to(device).long().clamp(0, frames)
     nonblank = torch.cat([torch.arange(blank_id), torch.arange(blank_id + 1, vocab)]).to(device)
     n_cand = vocab - 1 if token_candidates is None else max(0, min(token_candidates, vocab - 1))
-    pos = torch.arange(frames, device=device)
-
-    # beam state; a prefix never exceeds `frames` tokens. -1 marks "no token".
-    prefixes = torch.full((batch, K, frames), -1, dtype=torch.long, device=device)
-    lengths = torch.zeros((batch, K), dtype=torch.long, device=device)
-    last = torch.full((batch, K), -1, dtype=torch.long, device=device)
-    p_b = torch.full((batch, K), NEG_INF, dtype=lp.dtype, device=device)
-    p_b[:, 0] = 0.0  # the empty prefix; the other slots are dead (-inf)
-    p_nb = torch.full_like(p_b, NEG_INF)
-
+    beams = _empty_beams(batch, K, frames, lp.dtype, device)
     for t in range(frames):
         lp_t = lp[:, t]  # (batch, vocab)
         if token_candidates is None:
             cand = nonblank.expand(batch, n_cand)
         else:
-            no_blank = lp_t.clone()
-            no_blank[:, blank_id] = NEG_INF
-            cand = no_blank.topk(n_cand, dim=1).indices  # (batch, n_cand)
-        p_tot = torch.logaddexp(p_b, p_nb)
-        alive = torch.isfinite(p_tot)
-        lp_last = lp_t.gather(1, last.clamp(min=0)).masked_fill(last < 0, NEG_INF)  # (batch, K)
+            cand = lp_t.index_fill(1, torch.tensor([blank_id], device=device), NEG_INF).topk(n_cand, dim=1).indices
+        new = _keep_best(beams, *_frame_candidates(beams, lp_t, cand, blank_id))
+        active = t < frame_lengths  # frames past the row's length must not change its beams
+        beams = _Beams(*(torch.where(active.view(-1, *[1] * (n.dim() - 1)), n, old) for n, old in zip(new, beams)))
 
-        # "stay": the prefix is unchanged (emit blank, or repeat the last token)
-        stay_b = p_tot + lp_t[:, blank_id, None]
-        stay_nb = p_nb + lp_last
-        # "extend" beam j by token c; a repeat of the last token needs a blank in between
-        ext_base = torch.where(cand[:, None, :] == last[:, :, None], p_b[:, :, None], p_tot[:, :, None])
-        # (topk may return the blank as a tie when tokens have -inf log prob)
-        lp_cand = lp_t.gather(1, cand).masked_fill(cand == blank_id, NEG_INF)
-        ext_nb = ext_base + lp_cand[:, None, :]  # (batch, K, n_cand)
-
-        # extension of beam j by last_k equals beam k's prefix iff j is k's parent:
-        # merge that probability into k's stay and drop the duplicate extension
-        same = (prefixes[:, :, None, :] == prefixes[:, None, :, :]) | (pos >= lengths[:, None, :, None])
-        parent = (  # [b, k, j]
-            same.all(dim=-1)
-            & (lengths[:, :, None] == lengths[:, None, :] + 1)
-            & alive[:, :, None]
-            & alive[:, None, :]
-        )
-        base_kj = torch.where(last[:, :, None] == last[:, None, :], p_b[:, None, :], p_tot[:, None, :])
-        merged = (base_kj + lp_last[:, :, None]).masked_fill(~parent, NEG_INF)  # from lp, even if pruned
-        stay_nb = torch.logaddexp(stay_nb, merged.logsumexp(dim=2))
-        is_last_k = (cand[:, None, :] == last[:, :, None]).to(lp.dtype)  # [b, k, c]
-        dup = torch.bmm(parent.transpose(1, 2).to(lp.dtype), is_last_k) > 0  # [b, j, c]
-        ext_nb = ext_nb.masked_fill(dup, NEG_INF)
-
-        # candidates: K stays, then K * n_cand extensions (beam-major)
-        all_b = torch.cat([stay_b, torch.full_like(ext_nb.flatten(1), NEG_INF)], dim=1)
-        all_nb = torch.cat([stay_nb, ext_nb.flatten(1)], dim=1)
-        all_last = torch.cat([last, cand[:, None, :].expand(batch, K, n_cand).flatten(1)], dim=1)
-        beam_ids = torch.arange(K, device=device)
-        all_src = torch.cat([beam_ids, beam_ids.repeat_interleave(n_cand)]).expand(batch, -1)
-        top, idx = _topk_stable(torch.logaddexp(all_b, all_nb), K)
-        is_ext = idx >= K
-        src = all_src.gather(1, idx)
-        new_last = all_last.gather(1, idx)
-        dead = ~torch.isfinite(top)
-
-        src_len = lengths.gather(1, src)
-        new_pref = prefixes.gather(1, src[:, :, None].expand(batch, K, frames))
-        append_here = is_ext[:, :, None] & (pos == src_len[:, :, None])
-        new_pref = torch.where(append_here, new_last[:, :, None], new_pref)
-        new = {
-            "prefixes": new_pref.masked_fill(dead[:, :, None], -1),
-            "lengths": (src_len + is_ext.long()).masked_fill(dead, 0),
-            "last": new_last.masked_fill(dead, -1),
-            "p_b": all_b.gather(1, idx),
-            "p_nb": all_nb.gather(1, idx),
-        }
-        # frames past the row's length must not change its beams
-        active = t < frame_lengths
-        prefixes = torch.where(active[:, None, None], new["prefixes"], prefixes)
-        lengths = torch.where(active[:, None], new["lengths"], lengths)
-        last = torch.where(active[:, None], new["last"], last)
-        p_b = torch.where(active[:, None], new["p_b"], p_b)
-        p_nb = torch.where(active[:, None], new["p_nb"], p_nb)
-
-    scores, order = torch.sort(torch.logaddexp(p_b, p_nb), dim=1, descending=True, stable=True)
-    lengths = lengths.gather(1, order)
+    scores, order = torch.sort(torch.logaddexp(beams.p_b, beams.p_nb), dim=1, descending=True, stable=True)
+    lengths = beams.lengths.gather(1, order)
     out_len = int(lengths.max()) if lengths.numel() > 0 else 0
-    out = prefixes.gather(1, order[:, :, None].expand(batch, K, frames))[:, :, :out_len]
-    out = torch.where(pos[:out_len] < lengths[:, :, None], out, torch.full_like(out, pad_id))
+    out = beams.prefixes.gather(1, order[:, :, None].expand(batch, K, frames))[:, :, :out_len]
+    out = torch.where(torch.arange(out_len, device=device) < lengths[:, :, None], out, torch.full_like(out, pad_id))
     return out, scores
 
 

@@ -1,27 +1,30 @@
 # Copyright 2026 The hf_weaknat authors. Licensed under the Apache License, Version 2.0.
 """CTC non-autoregressive Transformer with auxiliary weak AR decoders (Wang, Zheng and Huang, EMNLP 2022).
 
-Reading order: attention and layers, upsampling, encoder, NAR decoder, the weak AR decoder and its loss, glancing,
-then the public models. Shapes use batch, src_len, frames (= upsample_ratio * src_len) and tgt_len.
-The weak AR decoders exist only while `config.weak_ar_layers > 0`; `export.py` writes a checkpoint without them.
+Reading order: attention and layers, upsampling, encoder, NAR decoder, then the public models: `WeakNATModel`
+(encode, then upsample and decode) and `WeakNATForConditionalGeneration` (CTC head, the training losses' wiring,
+`generate`). Shapes use batch, src_len, frames (= upsample_ratio * src_len) and tgt_len.
+The paper's weak AR decoders live in `weak_ar.py` and glancing in `glancing.py`; both only run in training, and
+the weak AR decoders exist only while `config.weak_ar_layers > 0` (`export.py` writes a checkpoint without them).
 """
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, ModelOutput, Seq2SeqModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
 
 from .configuration_weaknat import WeakNATConfig
-from .ctc import collapse_repeats_and_blanks, ctc_min_frames, ctc_prefix_beam_search, ctc_viterbi_align
+from .ctc import ctc_greedy_decode, ctc_loss, ctc_prefix_beam_search
+from .glancing import glancing_frame_inputs
+from .weak_ar import WeakARDecoders, multitask_loss
 
 logger = logging.get_logger(__name__)
 
@@ -48,7 +51,8 @@ class WeakNATAttention(nn.Module):
         self.head_dim = config.d_model // num_heads
         self.scaling = self.head_dim**-0.5
         self.dropout = config.attention_dropout
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(config.d_model, config.d_model) for _ in range(4))
+        d = config.d_model
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
     def forward(self, hidden_states, key_value_states=None, attention_mask=None, **kwargs):
         kv = hidden_states if key_value_states is None else key_value_states
@@ -140,7 +144,8 @@ class WeakNATUpsampler(nn.Module):
     def __init__(self, config: WeakNATConfig):
         super().__init__()
         self.ratio, self.method = config.upsample_ratio, config.upsample_method
-        self.proj = nn.Linear(config.d_model, config.upsample_ratio * config.d_model) if self.method == "linear" else None
+        linear = self.method == "linear"
+        self.proj = nn.Linear(config.d_model, config.upsample_ratio * config.d_model) if linear else None
 
     def forward(self, encoder_states, attention_mask):
         batch, src_len, d = encoder_states.shape
@@ -188,6 +193,7 @@ class WeakNATDecoderOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    layer_states: tuple[torch.FloatTensor, ...] | None = None  # each layer's output: what the weak AR decoders read
 
 
 class WeakNATDecoder(nn.Module):
@@ -201,148 +207,28 @@ class WeakNATDecoder(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.d_model) if config.normalize_before else None
 
     def forward(self, frame_inputs, frame_mask, encoder_states, encoder_mask, output_attentions=False,
-                output_hidden_states=False):
+                output_hidden_states=False, return_layer_states=False):
         """frame_inputs (batch, frames, d); frame_mask (batch, frames); encoder_states (batch, src_len, d).
 
-        `output_hidden_states` gives the frame inputs and every layer's output: the states a weak AR decoder reads.
+        `output_hidden_states`: the frame inputs and every layer's output, for the user. `return_layer_states`:
+        every layer's output as `layer_states`, for the weak AR decoders (training only, never in the output).
         """
         positions = torch.arange(frame_inputs.shape[1], device=frame_inputs.device)
         hidden = F.dropout(frame_inputs + self.embed_positions(positions), self.config.dropout, self.training)
         self_mask = create_bidirectional_mask(self.config, hidden, frame_mask)
         cross_mask = create_bidirectional_mask(self.config, hidden, encoder_mask, encoder_hidden_states=encoder_states)
-        all_hidden = (hidden,) if output_hidden_states else None
+        states = [hidden] if output_hidden_states or return_layer_states else None
         all_self, all_cross = ((), ()) if output_attentions else (None, None)
         for layer in self.layers:
             hidden, self_weights, cross_weights = layer(hidden, encoder_states, self_mask, cross_mask)
-            all_hidden = all_hidden + (hidden,) if output_hidden_states else None
+            if states is not None:
+                states.append(hidden)
             if output_attentions:
                 all_self, all_cross = all_self + (self_weights,), all_cross + (cross_weights,)
         if self.final_layer_norm is not None:
             hidden = self.final_layer_norm(hidden)
-        return WeakNATDecoderOutput(hidden, all_hidden, all_self, all_cross)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The weak AR decoders (the paper's contribution, training only)
-
-
-def shift_tokens_right(labels, start_token_id, pad_token_id):
-    """(batch, tgt_len) labels -> teacher-forcing inputs [start, y1 .. y_{n-1}]; -100 becomes pad."""
-    shifted = labels.new_full(labels.shape, pad_token_id)
-    shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, pad_token_id)
-    shifted[:, 0] = start_token_id
-    return shifted
-
-
-class WeakARDecoder(nn.Module):
-    """One weak AR decoder: `weak_ar_layers` causal layers whose ONLY memory is one NAR layer's hidden states.
-
-    It never sees the encoder (paper Section 3): to predict the target it must rely on what the NAR decoder put in
-    its frames, so its gradients push the NAR decoder to carry target-side dependencies. No detach on purpose.
-    Input and output projections are the model's shared embedding, passed in, so sharing adds no vocabulary weights.
-    """
-
-    def __init__(self, config: WeakNATConfig):
-        super().__init__()
-        self.config = config
-        self.embed_positions = nn.Embedding(config.max_frames, config.d_model)
-        self.layers = nn.ModuleList(WeakNATDecoderLayer(config, is_causal=True) for _ in range(config.weak_ar_layers))
-        self.final_layer_norm = nn.LayerNorm(config.d_model) if config.normalize_before else None
-
-    def forward(self, decoder_input_ids, target_mask, memory, memory_mask, embed_tokens: WeakNATScaledEmbedding):
-        """decoder_input_ids (batch, tgt_len); memory (batch, frames, d) -> logits (batch, tgt_len, vocab)."""
-        positions = torch.arange(decoder_input_ids.shape[1], device=decoder_input_ids.device)
-        hidden = embed_tokens(decoder_input_ids) + self.embed_positions(positions)
-        hidden = F.dropout(hidden, self.config.dropout, self.training)
-        self_mask = create_causal_mask(self.config, hidden, target_mask, past_key_values=None)
-        cross_mask = create_bidirectional_mask(self.config, hidden, memory_mask, encoder_hidden_states=memory)
-        for layer in self.layers:
-            hidden = layer(hidden, memory, self_mask, cross_mask)[0]
-        if self.final_layer_norm is not None:
-            hidden = self.final_layer_norm(hidden)
-        return F.linear(hidden, embed_tokens.weight)
-
-
-def sample_weak_ar_layers(num_layers: int, num_partners: int) -> list[int]:
-    """The NAR layers whose weak AR partner trains this step: a random subset (paper Table 3, "layer dropout")."""
-    return sorted(torch.randperm(num_layers)[:num_partners].tolist())
-
-
-class WeakARDecoders(nn.Module):
-    """The set of weak AR decoders: one shared module (parameter sharing) or one per NAR layer (+1 for the encoder)."""
-
-    def __init__(self, config: WeakNATConfig):
-        super().__init__()
-        self.config = config
-        count = 1 if config.weak_ar_share_parameters else config.decoder_layers + int(config.weak_ar_on_encoder)
-        self.decoders = nn.ModuleList(WeakARDecoder(config) for _ in range(count))
-
-    def decoder_for(self, index: int) -> WeakARDecoder:
-        """Index i < decoder_layers is NAR layer i's partner; index decoder_layers is the encoder's."""
-        return self.decoders[0 if self.config.weak_ar_share_parameters else index]
-
-    def loss(self, labels, memories: list[tuple[int, torch.Tensor, torch.Tensor]], embed_tokens):
-        """Label-smoothed cross-entropy of each weak AR decoder, combined by `config.weak_ar_loss_reduction`.
-
-        memories: (decoder index, states (batch, frames|src_len, d), mask (batch, frames|src_len)) per partner.
-        """
-        cfg = self.config
-        inputs = shift_tokens_right(labels, cfg.bos_token_id, cfg.pad_token_id)
-        target_mask = labels != -100
-        groups: dict[int, list] = {}
-        for index, states, mask in memories:  # decoders sharing parameters run as one batch: one big matmul
-            groups.setdefault(id(self.decoder_for(index)), []).append((index, states, mask))
-        total, count = 0.0, 0
-        for group in groups.values():
-            decoder, n = self.decoder_for(group[0][0]), len(group)
-            width = max(s.shape[1] for _, s, _ in group)
-            states = torch.cat([F.pad(s, (0, 0, 0, width - s.shape[1])) for _, s, _ in group])
-            mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for _, _, m in group])
-            logits = decoder(inputs.repeat(n, 1), target_mask.repeat(n, 1), states, mask, embed_tokens)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.repeat(n, 1).flatten(), ignore_index=-100,
-                                   label_smoothing=cfg.label_smoothing)
-            total, count = total + loss * n, count + n
-        return total / count if cfg.weak_ar_loss_reduction == "mean" else total
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CTC loss and glancing
-
-
-def ctc_loss(logits, frame_mask, labels, blank_token_id):
-    """Per-sentence CTC loss divided by target length, averaged over the pairs whose target fits its frames.
-
-    logits (batch, frames, vocab); labels (batch, tgt_len), right-padded with -100.
-    Returns (loss, fits): a pair fits when frames >= target length + adjacent repeats (CTC needs a blank between
-    repeats). Pairs that do not fit are left out of the mean and counted, never turned into inf/NaN.
-    """
-    target_mask = labels != -100
-    target_lengths, frame_lengths = target_mask.sum(1), frame_mask.sum(1)
-    fits = frame_lengths >= ctc_min_frames(labels, target_lengths)
-    log_probs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # (frames, batch, vocab), float32 for CTC
-    per_pair = F.ctc_loss(log_probs, labels.masked_fill(~target_mask, 0), frame_lengths, target_lengths,
-                          blank=blank_token_id, reduction="none", zero_infinity=True)
-    per_pair = per_pair / target_lengths.clamp(min=1)
-    return (per_pair * fits).sum() / fits.sum().clamp(min=1), fits
-
-
-def glancing_frame_inputs(frame_inputs, frame_mask, frame_logits, labels, ratio, blank_token_id, embed_tokens):
-    """GLAT with CTC (Gu and Kong 2021): reveal the best-aligned reference token on some frames.
-
-    The number of revealed frames is `ratio` times the number of frames where the model's argmax disagrees with
-    the Viterbi alignment of the reference, chosen uniformly among the valid frames of each row.
-    frame_inputs (batch, frames, d); frame_logits (batch, frames, vocab) from a no-grad pass -> (batch, frames, d).
-    """
-    with torch.no_grad():
-        target_mask = labels != -100
-        aligned, fits = ctc_viterbi_align(F.log_softmax(frame_logits.float(), -1), frame_mask.sum(1),
-                                          labels.masked_fill(~target_mask, 0), target_mask.sum(1), blank_token_id)
-        wrong = ((frame_logits.argmax(-1) != aligned) & frame_mask).sum(1)
-        num_glanced = (wrong.float() * ratio).long() * fits  # floor, as GLAT
-        scores = torch.rand(frame_mask.shape, device=frame_mask.device).masked_fill(~frame_mask, 2.0)
-        rank = scores.argsort(1).argsort(1)  # rank of each frame among its row's random scores
-        glanced = rank < num_glanced[:, None]
-    return torch.where(glanced[..., None], embed_tokens(aligned).to(frame_inputs.dtype), frame_inputs)
+        return WeakNATDecoderOutput(hidden, tuple(states) if output_hidden_states else None, all_self, all_cross,
+                                    tuple(states[1:]) if return_layer_states else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -357,6 +243,19 @@ class WeakNATPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["WeakNATEncoderLayer", "WeakNATDecoderLayer"]
+    _input_embed_layer = "shared"  # transformers' get/set_input_embeddings then find `shared` and `model.shared`
+
+    def output_flags(self, output_attentions=None, output_hidden_states=None) -> tuple[bool, bool]:
+        """The `output_*` arguments with the config's defaults filled in."""
+        cfg = self.config
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        if output_attentions and cfg._attn_implementation not in (None, "eager"):
+            logger.warning_once(  # as transformers' own sdpa path does: sdpa/flash/flex compute no probabilities
+                f"output_attentions=True needs attn_implementation='eager', but this model uses "
+                f"'{cfg._attn_implementation}': the returned attentions are not attention probabilities (None for "
+                "sdpa). Load it with attn_implementation='eager' or call model.set_attn_implementation('eager').")
+        return output_attentions, output_hidden_states
 
 
 def check_right_padded(mask: torch.Tensor, name: str):
@@ -376,12 +275,6 @@ class WeakNATModel(WeakNATPreTrainedModel):
         self.decoder = WeakNATDecoder(config)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.shared
-
-    def set_input_embeddings(self, value):
-        self.shared = value
-
     def source_mask(self, input_ids=None, attention_mask=None, inputs_embeds=None):
         """Validate the source and return its (batch, src_len) mask."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -399,46 +292,39 @@ class WeakNATModel(WeakNATPreTrainedModel):
             raise ValueError("Every row needs at least one source token (an empty sentence encodes as '</s>')")
         return attention_mask
 
+    def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=False,
+               output_hidden_states=False) -> tuple[BaseModelOutput, torch.Tensor]:
+        """Validate, embed and encode the source: -> (encoder outputs, source mask (batch, src_len))."""
+        attention_mask = self.source_mask(input_ids, attention_mask, inputs_embeds)
+        inputs_embeds = self.shared(input_ids) if inputs_embeds is None else inputs_embeds
+        return self.encoder(inputs_embeds, attention_mask, output_attentions, output_hidden_states), attention_mask
+
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, encoder_outputs=None,
-                frame_inputs=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+                output_attentions=None, output_hidden_states=None, **kwargs) -> Seq2SeqModelOutput:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch, src_len)`): source tokens, right-padded.
         attention_mask (`torch.LongTensor` of shape `(batch, src_len)`): 1 for tokens, 0 for padding.
-        encoder_outputs (`BaseModelOutput`, optional): precomputed encoder outputs (glancing reuses them).
-        frame_inputs (`torch.FloatTensor` of shape `(batch, frames, d_model)`, optional): decoder inputs to use
-            instead of the upsampled encoder states (glancing replaces some frames by target embeddings).
+        encoder_outputs (`BaseModelOutput`, optional): precomputed encoder outputs (`encode` returns them).
         Other keyword arguments (e.g. `decoder_inputs_embeds`, which generic seq2seq callers pass) are ignored:
         a NAR decoder has no decoder input tokens.
         """
-        cfg = self.config
-        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return_dict = cfg.return_dict if return_dict is None else return_dict
-        if output_attentions and cfg._attn_implementation not in (None, "eager"):
-            logger.warning_once(  # as transformers' own sdpa path does: sdpa/flash/flex compute no probabilities
-                f"output_attentions=True needs attn_implementation='eager', but this model uses "
-                f"'{cfg._attn_implementation}': the returned attentions are not attention probabilities (None for "
-                "sdpa). Load it with attn_implementation='eager' or call model.set_attn_implementation('eager').")
+        output_attentions, output_hidden_states = self.output_flags(output_attentions, output_hidden_states)
         if encoder_outputs is None:
-            attention_mask = self.source_mask(input_ids, attention_mask, inputs_embeds)
-            inputs_embeds = self.shared(input_ids) if inputs_embeds is None else inputs_embeds
-            encoder_outputs = self.encoder(inputs_embeds, attention_mask, output_attentions, output_hidden_states)
+            encoder_outputs, attention_mask = self.encode(input_ids, attention_mask, inputs_embeds, output_attentions,
+                                                          output_hidden_states)
         encoder_states = encoder_outputs.last_hidden_state
         if attention_mask is None:
             attention_mask = torch.ones(encoder_states.shape[:2], dtype=torch.long, device=encoder_states.device)
-        upsampled, frame_mask = self.upsampler(encoder_states, attention_mask)
-        decoder_outputs = self.decoder(upsampled if frame_inputs is None else frame_inputs, frame_mask,
-                                       encoder_states, attention_mask, output_attentions, output_hidden_states)
-        outputs = Seq2SeqModelOutput(
-            last_hidden_state=decoder_outputs.last_hidden_state,
-            decoder_hidden_states=decoder_outputs.hidden_states,
-            decoder_attentions=decoder_outputs.attentions,
-            cross_attentions=decoder_outputs.cross_attentions,
-            encoder_last_hidden_state=encoder_states,
-            encoder_hidden_states=encoder_outputs.hidden_states,
+        frames, frame_mask = self.upsampler(encoder_states, attention_mask)
+        decoded = self.decoder(frames, frame_mask, encoder_states, attention_mask, output_attentions,
+                               output_hidden_states)
+        return Seq2SeqModelOutput(
+            last_hidden_state=decoded.last_hidden_state, decoder_hidden_states=decoded.hidden_states,
+            decoder_attentions=decoded.attentions, cross_attentions=decoded.cross_attentions,
+            encoder_last_hidden_state=encoder_states, encoder_hidden_states=encoder_outputs.hidden_states,
             encoder_attentions=encoder_outputs.attentions,
         )
-        return outputs if return_dict else outputs.to_tuple()
 
 
 @dataclass
@@ -483,14 +369,9 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel):
         super().__init__(config)
         self.model = WeakNATModel(config)
         self.ctc_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.weak_ar = WeakARDecoders(config) if config.uses_weak_ar else None
+        # a weak AR decoder reads at most as many target positions as there are frames (CTC: tgt_len <= frames)
+        self.weak_ar = WeakARDecoders(config, WeakNATDecoderLayer, config.max_frames) if config.uses_weak_ar else None
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.shared
-
-    def set_input_embeddings(self, value):
-        self.model.shared = value
 
     def get_output_embeddings(self):
         return self.ctc_head
@@ -502,55 +383,35 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel):
         """(batch, src_len) source mask -> (batch, frames) mask of the valid CTC frames."""
         return self.model.upsampler.frame_mask(attention_mask)
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, training_step=None,
-                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+                output_attentions=None, output_hidden_states=None, **kwargs) -> WeakNATOutput:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch, src_len)`): source tokens, right-padded.
         attention_mask (`torch.LongTensor` of shape `(batch, src_len)`): 1 for tokens, 0 for padding.
         labels (`torch.LongTensor` of shape `(batch, tgt_len)`): target tokens, right-padded with -100 (or pad).
         training_step (`int`, optional): the optimizer step, which drives the glancing ratio schedule.
         """
-        cfg = self.config
-        return_dict = cfg.return_dict if return_dict is None else return_dict
-        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
-        training_weak_ar = labels is not None and self.weak_ar is not None and self.training
-        if labels is not None:
-            labels = self.check_labels(labels)
-        glance = labels is not None and cfg.glancing and self.training
-        encoder_outputs, frame_inputs = None, None
-        if glance:
-            attention_mask = self.model.source_mask(input_ids, attention_mask, inputs_embeds)
-            embeds = self.model.shared(input_ids) if inputs_embeds is None else inputs_embeds
-            encoder_outputs = self.model.encoder(embeds, attention_mask, output_attentions, output_hidden_states)
-            frame_inputs = self.glanced_frame_inputs(encoder_outputs, attention_mask, labels, training_step)
-        outputs = self.model(input_ids if not glance else None, attention_mask, inputs_embeds if not glance else None,
-                             encoder_outputs=encoder_outputs, frame_inputs=frame_inputs,
-                             output_attentions=output_attentions,
-                             output_hidden_states=output_hidden_states or training_weak_ar, return_dict=True)
-        logits = self.ctc_head(outputs.last_hidden_state)  # (batch, frames, vocab)
-
-        loss = ctc = ar = frame_mask = unfit = None
-        if labels is not None:
-            attention_mask = self.model.source_mask(input_ids, attention_mask, inputs_embeds)
-            frame_mask = self.frame_mask(attention_mask)
-            ctc, fits = ctc_loss(logits, frame_mask, labels, cfg.blank_token_id)
-            unfit, loss = (~fits).sum(), ctc
-            if training_weak_ar:
-                ar = self.weak_ar.loss(labels, self.weak_ar_memories(outputs, frame_mask, attention_mask),
-                                       self.model.shared)
-                loss = cfg.nar_loss_weight * ctc + (1 - cfg.nar_loss_weight) * ar
-        if not output_hidden_states:
-            outputs.decoder_hidden_states = None
-        result = WeakNATOutput(
-            loss=loss, logits=logits, decoder_hidden_states=outputs.decoder_hidden_states,
-            decoder_attentions=outputs.decoder_attentions, cross_attentions=outputs.cross_attentions,
-            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
-            encoder_hidden_states=outputs.encoder_hidden_states if output_hidden_states else None,
-            encoder_attentions=outputs.encoder_attentions, ctc_loss=ctc, ar_loss=ar, frame_mask=frame_mask,
-            num_unfit_pairs=unfit,
+        output_attentions, output_hidden_states = self.output_flags(output_attentions, output_hidden_states)
+        labels = self.check_labels(labels) if labels is not None else None
+        training = labels is not None and self.training
+        encoder_outputs, source_mask = self.model.encode(input_ids, attention_mask, inputs_embeds, output_attentions,
+                                                         output_hidden_states)
+        encoder_states = encoder_outputs.last_hidden_state
+        frames, frame_mask = self.model.upsampler(encoder_states, source_mask)  # (batch, frames, d)
+        if training and self.config.glancing:
+            frames = self.glance(frames, frame_mask, encoder_states, source_mask, labels, training_step)
+        decoded = self.model.decoder(frames, frame_mask, encoder_states, source_mask, output_attentions,
+                                     output_hidden_states, return_layer_states=training and self.weak_ar is not None)
+        logits = self.ctc_head(decoded.last_hidden_state)  # (batch, frames, vocab)
+        terms = (self.loss_terms(logits, frame_mask, labels, decoded.layer_states, encoder_states, source_mask)
+                 if labels is not None else {})
+        return WeakNATOutput(
+            logits=logits, decoder_hidden_states=decoded.hidden_states, decoder_attentions=decoded.attentions,
+            cross_attentions=decoded.cross_attentions, encoder_last_hidden_state=encoder_states,
+            encoder_hidden_states=encoder_outputs.hidden_states, encoder_attentions=encoder_outputs.attentions,
+            frame_mask=frame_mask if labels is not None else None, **terms,
         )
-        return result if return_dict else result.to_tuple()
 
     def check_labels(self, labels):
         """Map pad to -100, and reject left padding, blanks and targets longer than the weak AR positions."""
@@ -562,25 +423,26 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel):
             raise ValueError(f"labels have {labels.shape[1]} tokens; the model allows at most {self.config.max_frames}")
         return labels
 
-    def glanced_frame_inputs(self, encoder_outputs, attention_mask, labels, training_step):
-        """Glancing: a no-grad pass predicts, then some frames get their aligned reference token as input."""
-        upsampled, frame_mask = self.model.upsampler(encoder_outputs.last_hidden_state, attention_mask)
+    def glance(self, frames, frame_mask, encoder_states, source_mask, labels, training_step):
+        """Glancing (`glancing.py`): a no-grad pass predicts, then some frames get their aligned reference token."""
         with torch.no_grad():
-            first = self.model(attention_mask=attention_mask, encoder_outputs=encoder_outputs, return_dict=True)
-            frame_logits = self.ctc_head(first.last_hidden_state)
-        return glancing_frame_inputs(upsampled, frame_mask, frame_logits, labels,
-                                     self.config.glancing_ratio(training_step), self.config.blank_token_id,
-                                     self.model.shared)
+            guess = self.ctc_head(self.model.decoder(frames, frame_mask, encoder_states, source_mask).last_hidden_state)
+        return glancing_frame_inputs(frames, frame_mask, guess, labels, self.config.glancing_ratio(training_step),
+                                     self.config.blank_token_id, self.model.shared)
 
-    def weak_ar_memories(self, outputs, frame_mask, attention_mask):
-        """The hidden states the weak AR decoders read this step: a random subset of NAR layers (+ the encoder)."""
+    def loss_terms(self, logits, frame_mask, labels, layer_states, encoder_states, source_mask) -> dict:
+        """The named training losses: `ctc_loss`, `ar_loss` (when `layer_states` are given) and their `loss`.
+
+        layer_states: the NAR decoder layers' outputs, which the weak AR decoders read (`weak_ar.py`).
+        """
         cfg = self.config
-        layers = sample_weak_ar_layers(cfg.decoder_layers, cfg.num_weak_ar_partners())
-        # decoder_hidden_states[0] is the decoder input; layer i's output is at i + 1
-        memories = [(i, outputs.decoder_hidden_states[i + 1], frame_mask) for i in layers]
-        if cfg.weak_ar_on_encoder:
-            memories.append((cfg.decoder_layers, outputs.encoder_last_hidden_state, attention_mask.bool()))
-        return memories
+        ctc, fits = ctc_loss(logits, frame_mask, labels, cfg.blank_token_id)
+        terms = {"loss": ctc, "ctc_loss": ctc, "num_unfit_pairs": (~fits).sum()}
+        if layer_states is not None:
+            memories = self.weak_ar.memories(layer_states, frame_mask, encoder_states, source_mask)
+            terms["ar_loss"] = self.weak_ar.loss(labels, memories, self.model.shared)
+            terms["loss"] = multitask_loss(ctc, terms["ar_loss"], cfg.nar_loss_weight)
+        return terms
 
     @torch.inference_mode()
     def generate(self, input_ids=None, attention_mask=None, num_beams: int = 1, num_return_sequences: int = 1,
@@ -596,22 +458,19 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel):
             raise ValueError(f"Need num_beams >= 1 and 1 <= num_return_sequences <= num_beams, got {num_beams}, "
                              f"{num_return_sequences}")
         cfg = self.config
-        attention_mask = self.model.source_mask(input_ids, attention_mask, inputs_embeds)
-        hidden = self.model(input_ids, attention_mask, inputs_embeds, return_dict=True).last_hidden_state
-        frame_mask = self.frame_mask(attention_mask)
+        encoder_outputs, source_mask = self.model.encode(input_ids, attention_mask, inputs_embeds)
+        hidden = self.model(attention_mask=source_mask, encoder_outputs=encoder_outputs).last_hidden_state
+        logits = self.ctc_head(hidden)  # (batch, frames, vocab); padded frames are masked out below
+        frame_mask = self.frame_mask(source_mask)
         if input_ids is not None:  # an empty sentence has no content token: define its translation as empty
-            content = attention_mask.bool() & ~torch.isin(input_ids, input_ids.new_tensor(
-                [t for t in (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) if t is not None]))
+            special = [t for t in (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) if t is not None]
+            content = source_mask.bool() & ~torch.isin(input_ids, input_ids.new_tensor(special))
             frame_mask = frame_mask & content.any(1, keepdim=True)
-        valid_logits = self.ctc_head(hidden[frame_mask])  # (valid frames, vocab): padded frames cost nothing
-        if num_beams == 1:  # argmax needs no softmax
-            frame_ids = torch.full(frame_mask.shape, cfg.blank_token_id, dtype=torch.long, device=hidden.device)
-            frame_ids[frame_mask] = valid_logits.argmax(-1)
-            return collapse_repeats_and_blanks(frame_ids, frame_mask, cfg.blank_token_id, cfg.pad_token_id)
-        log_probs = torch.zeros(*frame_mask.shape, cfg.vocab_size, device=hidden.device)
-        log_probs[frame_mask] = F.log_softmax(valid_logits.float(), -1)
-        sequences, _ = ctc_prefix_beam_search(log_probs, frame_mask.sum(1), cfg.blank_token_id, cfg.pad_token_id,
-                                              num_beams, beam_token_candidates or 2 * num_beams)
+        if num_beams == 1:
+            return ctc_greedy_decode(logits, frame_mask, cfg.blank_token_id, cfg.pad_token_id)
+        sequences, _ = ctc_prefix_beam_search(F.log_softmax(logits.float(), -1), frame_mask.sum(1),
+                                              cfg.blank_token_id, cfg.pad_token_id, num_beams,
+                                              beam_token_candidates or 2 * num_beams)
         return sequences[:, :num_return_sequences].flatten(0, 1)
 
 

@@ -77,9 +77,6 @@ def train_weaknat_tokenizer(
     keep `num_threads` fixed to reproduce a vocabulary. With `save_directory`, the tokenizer is saved
     there with the raw SentencePiece model as `sentencepiece.model` (reference only).
     """
-    import sentencepiece as spm  # build-time only dependency
-    from transformers.convert_slow_tokenizer import SpmConverter  # needs protobuf
-
     if texts is None and not files:
         raise ValueError("No training text given: pass `texts` and/or `files`.")
     if model_type not in _SUPPORTED_MODEL_TYPES:
@@ -91,6 +88,31 @@ def train_weaknat_tokenizer(
     sentences = _sample_lines(_iter_lines(texts, files), max_sentences, seed)
     if not sentences:
         raise ValueError("Training text is empty (no non-blank lines).")
+
+    backend = _train_sentencepiece(sentences, vocab_size, model_type, num_threads, save_directory)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS_TOKEN}", pair=f"$A {EOS_TOKEN} $B {EOS_TOKEN}", special_tokens=[(EOS_TOKEN, EOS_ID)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=PAD_TOKEN, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN, extra_special_tokens=[BLANK_TOKEN], model_max_length=model_max_length,
+        padding_side="right",
+    )
+    blank_token_id(tokenizer)  # fail loudly here rather than in a model if the blank went missing
+    if save_directory is not None:
+        tokenizer.save_pretrained(save_directory)
+    return tokenizer
+
+
+def _train_sentencepiece(sentences: list[str], vocab_size: int, model_type: str, num_threads: int,
+                         save_directory: str | Path | None):
+    """Train SentencePiece with the fixed special ids and return it as a `tokenizers` backend.
+
+    SentencePiece's opaque size errors become ValueErrors that say what to change. With `save_directory`, the raw
+    model is kept there as `sentencepiece.model`.
+    """
+    import sentencepiece as spm  # build-time only dependency
+    from transformers.convert_slow_tokenizer import SpmConverter  # needs protobuf
 
     with tempfile.TemporaryDirectory(prefix="weaknat_spm_") as tmp:
         model_prefix = str(Path(tmp) / "spm")
@@ -120,19 +142,7 @@ def train_weaknat_tokenizer(
         if save_directory is not None:
             Path(save_directory).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(model_file, Path(save_directory) / SENTENCEPIECE_FILENAME)
-
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"$A {EOS_TOKEN}", pair=f"$A {EOS_TOKEN} $B {EOS_TOKEN}", special_tokens=[(EOS_TOKEN, EOS_ID)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=PAD_TOKEN, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
-        unk_token=UNK_TOKEN, extra_special_tokens=[BLANK_TOKEN], model_max_length=model_max_length,
-        padding_side="right",
-    )
-    blank_token_id(tokenizer)  # fail loudly here rather than in a model if the blank went missing
-    if save_directory is not None:
-        tokenizer.save_pretrained(save_directory)
-    return tokenizer
+    return backend
 
 
 def blank_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

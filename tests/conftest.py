@@ -5,18 +5,19 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
-# Tiny models gain nothing from a second thread, and OpenMP thread teams stall badly on cores busy with other jobs.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Defaults set before torch and huggingface_hub are imported, since both read them once, at import
+if "HF_HUB_OFFLINE" not in os.environ:  # tests never touch the network
+    os.environ["HF_HUB_OFFLINE"] = "1"
+if "OMP_NUM_THREADS" not in os.environ:  # tiny models gain nothing from a second thread, and OpenMP thread teams
+    os.environ["OMP_NUM_THREADS"] = "1"  # stall badly on cores busy with other jobs
 
-import torch  # noqa: E402
+import torch
+
+from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration, train_weaknat_tokenizer
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration, train_weaknat_tokenizer  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
-MULTI30K = REPO / "training" / "data" / "multi30k"
+MULTI30K = REPO / "training" / "corpora" / "multi30k"
 
 
 def tiny_config(**overrides) -> WeakNATConfig:
@@ -83,3 +84,19 @@ def tokenizer_dir(tmp_path_factory):
              (MULTI30K / name).read_text(encoding="utf-8").splitlines()[:400]]
     train_weaknat_tokenizer(lines, vocab_size=300, num_threads=2, save_directory=directory)
     return directory
+
+
+def record_weak_ar_memories(model):
+    """What the weak AR decoders read: the key/value input of each weak AR decoder call's (first) cross-attention.
+
+    Returns (seen, handles); remove the handles when done. With shared parameters the partners of one step run as
+    one batch, so one call holds `partners * batch` rows.
+    """
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs["key_value_states"] if "key_value_states" in kwargs else args[1])
+
+    cross_attentions = [module for name, module in model.named_modules()
+                        if name.startswith("weak_ar.") and name.endswith(".layers.0.cross_attn.sublayer")]
+    return seen, [m.register_forward_pre_hook(hook, with_kwargs=True) for m in cross_attentions]

@@ -1,6 +1,9 @@
 """Export for the Hub: no weak AR weights, plain-CTC parameter count, bit-identical logits, loads without the package."""
 
+import ast
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,6 +17,7 @@ from transformers import AutoModel, AutoModelForSeq2SeqLM
 
 from hf_weaknat import (WeakNATForConditionalGeneration, WeakNATModel, export_for_hub, push_export_to_hub,
                         strip_weak_decoders)
+from hf_weaknat.export import PACKAGE_DIR, REMOTE_CODE_FILES
 
 
 def count(model) -> int:
@@ -72,11 +76,24 @@ def test_exported_logits_are_bit_identical_to_the_training_models_nar_path(expor
 def test_export_ships_remote_code_auto_map_pipeline_and_tokenizer(exported):
     directory = exported[0]
     names = {p.name for p in directory.iterdir()}
-    assert {"configuration_weaknat.py", "modeling_weaknat.py", "ctc.py", "pipeline_weaknat.py",
-            "tokenizer.json", "tokenizer_config.json", "config.json"} <= names
+    assert {"configuration_weaknat.py", "modeling_weaknat.py", "ctc.py", "weak_ar.py", "glancing.py",
+            "pipeline_weaknat.py", "tokenizer.json", "tokenizer_config.json", "config.json"} <= names
     config = json.loads((directory / "config.json").read_text())
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForSeq2SeqLM"}
     assert list(config["custom_pipelines"]) == ["translation"]
+
+
+def test_remote_code_files_are_every_file_the_shipped_code_imports():
+    """A new module imported by the model (weak_ar.py, glancing.py...) must travel with every export."""
+    shipped, todo = set(), ["modeling_weaknat.py", "configuration_weaknat.py", "pipeline_weaknat.py"]
+    while todo:
+        name = todo.pop()
+        shipped.add(name)
+        tree = ast.parse((PACKAGE_DIR / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and f"{node.module}.py" not in shipped:
+                todo.append(f"{node.module}.py")
+    assert shipped == set(REMOTE_CODE_FILES)
 
 
 NO_PACKAGE_SCRIPT = textwrap.dedent("""
@@ -100,7 +117,7 @@ def test_export_translates_with_trust_remote_code_where_the_package_cannot_be_im
     directory, _, sources, targets = exported
     result = subprocess.run([sys.executable, "-c", NO_PACKAGE_SCRIPT, str(directory), json.dumps(sources)],
                             capture_output=True, text=True, timeout=300, cwd=directory.parent,
-                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     module, seq2seq_class, base_class = report["classes"]
@@ -138,3 +155,110 @@ def test_plain_ctc_model_exports_unchanged(tmp_path):
     loaded = AutoModelForSeq2SeqLM.from_pretrained(export_for_hub(model, tmp_path)).eval()
     ids = torch.tensor([[7, 8, 2]])
     assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------------------- old exports
+# tests/fixtures/pre_split_* were written once by make_pre_split_export.py with the code from before weak_ar.py and
+# glancing.py were split out of the modeling file. Today's code must load them and compute exactly what it did.
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+EXPECTED = json.loads((FIXTURES / "pre_split_expected.json").read_text())
+
+REMOTE_CODE_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.modules["hf_weaknat"] = None  # the folder's own code only
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+    directory, inputs_file, out_file = sys.argv[1:]
+    model = AutoModelForSeq2SeqLM.from_pretrained(directory, trust_remote_code=True).eval()
+    batch = torch.load(inputs_file)
+    with torch.no_grad():
+        logits = model(**batch).logits[model.frame_mask(batch["attention_mask"])]
+    torch.save({"module": type(model).__module__, "valid_logits": logits, "greedy": model.generate(**batch),
+                "beam4": model.generate(**batch, num_beams=4, num_return_sequences=2)}, out_file)
+""")
+
+
+def probe_batch():
+    return {name: torch.tensor(EXPECTED[name]) for name in ("input_ids", "attention_mask")}
+
+
+def translate_probe(model):
+    """What make_pre_split_export.py recorded, computed by `model`."""
+    batch = probe_batch()
+    with torch.no_grad():
+        logits = model.eval()(**batch).logits[model.frame_mask(batch["attention_mask"])]
+    return {"valid_logits": logits, "greedy": model.generate(**batch),
+            "beam4": model.generate(**batch, num_beams=4, num_return_sequences=2)}
+
+
+def assert_matches_expected(result):
+    assert result["greedy"].tolist() == EXPECTED["greedy_ids"]
+    assert result["beam4"].tolist() == EXPECTED["beam4_ids"]
+    logits = result["valid_logits"]
+    assert list(logits.shape) == EXPECTED["valid_logits_shape"]
+    torch.testing.assert_close(logits[0], torch.tensor(EXPECTED["logits_first_frame"]), atol=1e-5, rtol=1e-5)
+    assert logits.double().sum().item() == pytest.approx(EXPECTED["logits_sum"], rel=1e-6)
+    assert logits.double().abs().sum().item() == pytest.approx(EXPECTED["logits_abs_sum"], rel=1e-6)
+
+
+def run_with_remote_code(directory: Path, tmp_path: Path):
+    torch.save(probe_batch(), tmp_path / "inputs.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", REMOTE_CODE_SCRIPT, str(directory), str(tmp_path / "inputs.pt"),
+                             str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert out["module"].startswith("transformers_modules.")
+    return out
+
+
+@pytest.fixture(scope="module")
+def old_export_with_its_own_code(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("old_code")
+    directory = shutil.copytree(FIXTURES / "pre_split_export", tmp_path / "pre_split_export")
+    return run_with_remote_code(directory, tmp_path)
+
+
+def test_export_made_before_the_split_still_translates_with_the_code_it_ships(old_export_with_its_own_code):
+    assert_matches_expected(old_export_with_its_own_code)
+
+
+def test_export_made_before_the_split_gives_identical_outputs_with_todays_classes(old_export_with_its_own_code):
+    loaded, info = WeakNATForConditionalGeneration.from_pretrained(FIXTURES / "pre_split_export",
+                                                                   output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    today = translate_probe(loaded)
+    assert_matches_expected(today)
+    for name in ("valid_logits", "greedy", "beam4"):
+        assert torch.equal(today[name], old_export_with_its_own_code[name])  # old code, new code: same machine
+
+
+def test_export_made_before_the_split_translates_identically_with_todays_remote_code(old_export_with_its_own_code,
+                                                                                   tmp_path):
+    directory = shutil.copytree(FIXTURES / "pre_split_export", tmp_path / "pre_split_export")
+    for old in directory.glob("*.py"):
+        old.unlink()
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(PACKAGE_DIR / name, directory / name)
+    today = run_with_remote_code(directory, tmp_path)
+    for name in ("valid_logits", "greedy", "beam4"):
+        assert torch.equal(today[name], old_export_with_its_own_code[name])
+
+
+def test_training_checkpoint_made_before_the_split_loads_every_weak_ar_key_and_gives_the_same_losses():
+    model, info = WeakNATForConditionalGeneration.from_pretrained(FIXTURES / "pre_split_training",
+                                                                  output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert len(model.weak_ar.decoders) == 3  # no sharing: one per NAR layer + the encoder's partner
+    batch = {name: torch.tensor(values) for name, values in EXPECTED["training_batch"].items()}
+    expected = EXPECTED["training_step"]
+    model.train()
+    torch.manual_seed(1234)  # the same random draws (glanced frames, sampled layers) as when it was recorded
+    with torch.no_grad():
+        out = model(**batch, training_step=20)
+    for name in ("loss", "ctc_loss", "ar_loss"):
+        assert getattr(out, name).item() == pytest.approx(expected[name], rel=1e-5), name
+    assert out.num_unfit_pairs.item() == expected["num_unfit_pairs"]
+    exported = strip_weak_decoders(model)
+    assert_matches_expected(translate_probe(exported))

@@ -20,7 +20,7 @@ from hf_weaknat.tokenization_weaknat import (
     train_weaknat_tokenizer,
 )
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "training/data/multi30k"
+DATA_DIR = Path(__file__).resolve().parents[1] / "training/corpora/multi30k"
 N_TRAIN_LINES = 3000
 VOCAB_SIZE = 1000
 

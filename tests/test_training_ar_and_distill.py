@@ -8,18 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import MULTI30K
 from huggingface_hub import ModelCard
+from training_runs import DEMO, ENV, REPO, TINY, TRAIN, records, run
 from transformers import AutoTokenizer, MarianMTModel
 
-from conftest import MULTI30K, tiny_config
-from hf_weaknat import WeakNATForConditionalGeneration, export_for_hub
-from training_runs import DEMO, ENV, REPO, TINY, TRAIN, records, run
-
-sys.path.insert(0, str(REPO / "training"))
-import data  # noqa: E402
-from ar_baseline import MarianBaseline, build_marian_baseline, marian_config  # noqa: E402
-from arguments import ModelArguments  # noqa: E402
-from checkpoints import MODEL_DIR, resolve_checkpoint  # noqa: E402
+from training import data
+from training.ar_baseline import MarianBaseline, marian_config
+from training.checkpoints import MODEL_DIR, resolve_checkpoint
 
 DISTILL = str(REPO / "training/distill.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -69,11 +65,6 @@ def test_marian_decoder_start_keeps_a_zero_embedding_through_training(tokenizer)
         optimizer.zero_grad()
     assert not torch.equal(embeddings[:-1], before[:-1])  # the rest trained
     assert torch.count_nonzero(embeddings[-1]) == 0 and model.config.decoder_start_token_id == len(embeddings) - 1
-
-
-def test_marian_baseline_refuses_nar_only_options(tokenizer):
-    with pytest.raises(ValueError, match="--glancing True has no meaning for --model_type marian"):
-        build_marian_baseline(ModelArguments(model_type="marian", glancing=True), tokenizer)
 
 
 def test_an_ar_model_keeps_pairs_whose_target_cannot_fit_ctc_frames():
@@ -171,34 +162,3 @@ def test_train_py_trains_a_nar_student_on_the_distilled_corpus(teacher_run, toke
     assert json.loads((run_dir / "data_stats.json").read_text())["train_pairs"]["kept"] > 0
     card = ModelCard.load(run_dir / "export/README.md")
     assert "distilled" in card.data.tags and "knowledge distillation targets" in card.text
-
-
-def test_analyze_scores_an_ar_export_and_keeps_its_output_within_the_positions(teacher_run, tmp_path):
-    export = teacher_run[0] / "export"
-    sources = (MULTI30K / "test.de").read_text(encoding="utf-8").splitlines()[:6]
-    sources.append(" ".join(sources))  # far over the teacher's 48 positions: cut, never an index error
-    (tmp_path / "src.de").write_text("\n".join(sources) + "\n", encoding="utf-8")
-    (tmp_path / "ref.en").write_text("\n".join(["A reference ."] * len(sources)) + "\n", encoding="utf-8")
-    result = run([sys.executable, str(REPO / "training/analyze.py"), "--model", str(export), "--num_beams", "2",
-                  "--source", str(tmp_path / "src.de"), "--reference", str(tmp_path / "ref.en"),
-                  "--json", str(tmp_path / "a.json")])
-    report = json.loads((tmp_path / "a.json").read_text())
-    assert len(report["translations"]) == len(sources) and "repeated tokens" in result.stdout
-    model, tokenizer = MarianMTModel.from_pretrained(export).eval(), AutoTokenizer.from_pretrained(export)
-    assert report["translations"][0] == translate_alone(model, tokenizer, sources[0])
-
-
-def test_speed_benchmark_on_trained_checkpoints_scores_every_system(teacher_run, tokenizer_dir, tmp_path):
-    """`--nar/--ar` directories: each model with its own tokenizer, AR decoding to its own </s>, BLEU per system."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    nar = WeakNATForConditionalGeneration(tiny_config(vocab_size=len(tokenizer), max_position_embeddings=48))
-    export_for_hub(nar, tmp_path / "nar", tokenizer=tokenizer)
-    out = tmp_path / "speed.json"
-    run([sys.executable, str(REPO / "training/benchmark_speed.py"), "--quick", "--threads", "1", "--int8",
-         "--nar", str(tmp_path / "nar"), "--ar", str(teacher_run[0] / "export"), "--bleu_lines", "8", "--json", str(out)])
-    result = json.loads(out.read_text())["results"]["cpu"]
-    assert set(result["bleu"]) == {"nar_greedy", "nar_beam", "ar_greedy", "ar_beam", "nar_greedy_int8", "ar_greedy_int8"}
-    for score in result["bleu"].values():
-        assert score["sentences"] == 8 and score["signature"].startswith("nrefs:1|") and score["bleu"] >= 0
-    assert all(entry["ar_forced_steps"] is None for entry in result["batch_sizes"].values())  # a trained AR stops itself

@@ -1,20 +1,13 @@
 """training/batching.py: token batches are deterministic, bounded, complete, and disjoint across processes."""
 
 import random
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
 
-REPO = Path(__file__).resolve().parents[1]
-for path in (REPO, REPO / "training"):  # training/ is a folder of scripts, not a package
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from batching import (  # noqa: E402
+from training.batching import (
     TokenBatchSampler, TrainingBatches, collate, optimizer_steps, pack_by_tokens, split_until_divisible, stream_batches,
 )
 

@@ -1,24 +1,17 @@
 """training/checkpoints.py and average_checkpoints.py: only complete checkpoints count; rotation; exact averaging."""
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 
-REPO = Path(__file__).resolve().parents[1]
-for path in (REPO, REPO / "training"):  # training/ is a folder of scripts, not a package
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from accelerate import Accelerator  # noqa: E402
-
-import average_checkpoints  # noqa: E402
-from checkpoints import (  # noqa: E402
+from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration
+from training import average_checkpoints
+from training.checkpoints import (
     MODEL_DIR, STATE_FILE, TrainState, checkpoint_name, complete_checkpoints, remove_directory, resolve_checkpoint,
     rotate_checkpoints, save_checkpoint,
 )
-from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration  # noqa: E402
 
 
 def tiny_model(seed: int) -> WeakNATForConditionalGeneration:

@@ -1,22 +1,15 @@
 """training/data.py: every local layout loads to the same pairs; unfit and over-long pairs are dropped and counted."""
 
 import json
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import MULTI30K
 
-REPO = Path(__file__).resolve().parents[1]
-for path in (REPO, REPO / "training"):  # training/ is a folder of scripts, not a package
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-import data  # noqa: E402
-from hf_weaknat import train_weaknat_tokenizer  # noqa: E402
-
-MULTI30K = REPO / "training/data/multi30k"
+from hf_weaknat import train_weaknat_tokenizer
+from training import data
 # Lines that trip naive readers: quotes (csv quoting), NA/null (pandas NA parsing), leading/trailing spaces
 TRICKY = [("\"Zitat\" am Anfang", "\"Quote\" first"), ("NA", "null"), ("  Leerzeichen ", " spaces  "),
           ("Ein 'Apostroph'", "An 'apostrophe'")]

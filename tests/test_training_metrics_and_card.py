@@ -1,19 +1,11 @@
 """Offline metric equals plain sacrebleu; the model card carries the model-index results and the run's facts."""
 
-import sys
-from pathlib import Path
-
 import sacrebleu
 from huggingface_hub import ModelCard
 
-REPO = Path(__file__).resolve().parents[1]
-for path in (REPO, REPO / "training"):  # training/ is a folder of scripts, not a package
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from evaluation import TranslationScores, score_translations  # noqa: E402
-from hf_weaknat import WeakNATConfig  # noqa: E402
-from model_card import build_model_card  # noqa: E402
+from hf_weaknat import WeakNATConfig
+from training.evaluation import TranslationScores, score_translations
+from training.model_card import build_model_card
 
 REFERENCES = ["The cat sat on the mat.", "Two dogs are playing in the snow.", "A man rides a red bicycle.",
               "Children are laughing at the park.", "\"Quoted\" words, and commas."]

@@ -1,4 +1,4 @@
-"""Recipes parse, command-line flags override them, and model arguments map onto WeakNATConfig one to one."""
+"""Recipes parse, command-line flags override them, and the model section goes straight into WeakNATConfig."""
 
 import dataclasses
 import sys
@@ -6,19 +6,21 @@ from pathlib import Path
 
 import pytest
 import yaml
+from training_runs import run
 
-REPO = Path(__file__).resolve().parents[1]
-for path in (REPO, REPO / "training"):  # training/ is a folder of scripts, not a package
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+from hf_weaknat import WeakNATConfig, configuration_weaknat
+from hf_weaknat.tokenization_weaknat import BLANK_ID, BOS_ID, EOS_ID, PAD_ID
+from training import arguments, train
+from training.ar_baseline import MARIAN_FIELDS, build_marian_baseline
 
-import arguments  # noqa: E402
-import train  # noqa: E402
-from hf_weaknat import WeakNATConfig  # noqa: E402
-from hf_weaknat.tokenization_weaknat import BLANK_ID, BOS_ID, EOS_ID, PAD_ID  # noqa: E402
-
-CONFIGS = REPO / "training/configs"
-RECIPES = ["demo.yaml", "multi30k_de_en.yaml", "iwslt14_de_en.yaml", "wmt14_en_de.yaml", "wmt16_en_ro.yaml"]
+CONFIGS = Path(__file__).resolve().parents[1] / "training/configs"
+RECIPES = ["demo.yaml", "multi30k_de_en.yaml", "multi30k_teacher.yaml", "iwslt14_de_en.yaml", "wmt14_en_de.yaml",
+           "wmt16_en_ro.yaml"]
+NAR_RECIPES = [r for r in RECIPES if r != "multi30k_teacher.yaml"]
+# Another valid value of each str field, from the config's own lists of allowed values
+CHOICES = {"activation_function": configuration_weaknat.ACTIVATIONS,
+           "upsample_method": configuration_weaknat.UPSAMPLE_METHODS,
+           "weak_ar_loss_reduction": configuration_weaknat.WEAK_AR_LOSS_REDUCTIONS}
 
 
 class VocabularyOf:
@@ -36,40 +38,74 @@ class VocabularyOf:
         return {"<blank>": BLANK_ID}
 
 
-def test_model_arguments_are_weaknat_config_fields_with_its_defaults():
-    defaults = WeakNATConfig()
-    for f in dataclasses.fields(arguments.ModelArguments):
-        if f.name in ("model_type", "glancing_anneal_steps"):  # model family; anneal default = max_steps
-            continue
-        assert hasattr(defaults, f.name), f.name
-        assert f.default == getattr(defaults, f.name), f.name
+def changed_value(name: str):
+    """A valid value of a WeakNATConfig field that differs from its default."""
+    default = getattr(WeakNATConfig(), name)
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, int):
+        return 2 * default or 1  # doubled sizes keep d_model divisible by the heads
+    if isinstance(default, float):
+        return 0.25 if default != 0.25 else 0.5  # every float field accepts it (rates, ratios, init_std)
+    return next(choice for choice in CHOICES[name] if choice != default)
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_model_fields_are_the_config_fields_less_those_of_the_tokenizer():
+    declared = set(WeakNATConfig.__annotations__)
+    assert set(arguments.MODEL_FIELDS) == declared - set(arguments.FROM_TOKENIZER) - {"is_encoder_decoder"}
+    assert not hasattr(arguments, "ModelArguments")  # no mirrored list of the config's fields
+
+
+@pytest.mark.parametrize("name", sorted(arguments.MODEL_FIELDS))
+def test_every_model_field_is_settable_from_a_recipe_and_from_the_command_line(name, tmp_path):
+    value = changed_value(name)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"model": {name: value}}))
+    flag = str(value).lower() if isinstance(value, bool) else str(value)
+    for argv in ([str(tmp_path / "recipe.yaml")], [f"--{name}", flag]):
+        model, _, train_args = arguments.parse_arguments(argv)
+        assert model.fields == {name: value}
+        config = train.build_config(model, VocabularyOf(1000), train_args.max_steps)
+        assert getattr(config, name) == value and type(getattr(config, name)) is type(value), argv
+
+
+@pytest.mark.parametrize("recipe", NAR_RECIPES)
 @pytest.mark.parametrize("variant, flags, weak_ar_layers, glancing", [
     ("ctc", ["--weak_ar_layers", "0"], 0, False),
     ("weak_ar", [], 1, False),
     ("weak_ar_glancing", ["--glancing", "true"], 1, True),
 ])
 def test_every_recipe_runs_as_plain_ctc_weak_ar_or_glancing(recipe, variant, flags, weak_ar_layers, glancing):
-    model_args, data_args, train_args = arguments.parse_arguments([str(CONFIGS / recipe), *flags])
-    config = train.build_config(model_args, VocabularyOf(1000), train_args.max_steps)
+    model, data_args, train_args = arguments.parse_arguments([str(CONFIGS / recipe), *flags])
+    config = train.build_config(model, VocabularyOf(1000), train_args.max_steps)
     assert (config.weak_ar_layers, config.glancing) == (weak_ar_layers, glancing)
-    assert config.vocab_size == 1000 and config.blank_token_id == BLANK_ID
-    assert config.glancing_anneal_steps == (model_args.glancing_anneal_steps or train_args.max_steps)
+    assert (config.vocab_size, config.pad_token_id, config.blank_token_id) == (1000, PAD_ID, BLANK_ID)
+    assert config.glancing_anneal_steps == model.fields.get("glancing_anneal_steps", train_args.max_steps)
     recipe_values = yaml.safe_load((CONFIGS / recipe).read_text())["model"]
     for name, value in recipe_values.items():
         if f"--{name}" not in flags:
             assert getattr(config, name) == value, name
 
 
+def test_fields_not_given_take_the_configs_defaults_and_glancing_anneals_over_the_run():
+    model, _, train_args = arguments.parse_arguments(["--max_steps", "1234"])
+    assert (model.model_type, model.fields) == ("weaknat", {})
+    config = train.build_config(model, VocabularyOf(1000), train_args.max_steps)
+    defaults = WeakNATConfig()
+    assert all(getattr(config, name) == getattr(defaults, name) for name in arguments.MODEL_FIELDS
+               if name != "glancing_anneal_steps")
+    assert config.glancing_anneal_steps == 1234
+    model, _, _ = arguments.parse_arguments(["--max_steps", "1234", "--glancing_anneal_steps", "99"])
+    assert train.build_config(model, VocabularyOf(1000), 1234).glancing_anneal_steps == 99
+
+
 @pytest.mark.parametrize("recipe, dropout, beta2", [("iwslt14_de_en.yaml", 0.3, 0.98), ("wmt14_en_de.yaml", 0.1, 0.999),
                                                     ("wmt16_en_ro.yaml", 0.1, 0.999)])
 def test_paper_recipes_carry_the_paper_hyperparameters(recipe, dropout, beta2):
-    model_args, data_args, train_args = arguments.parse_arguments([str(CONFIGS / recipe)])
-    assert (model_args.d_model, model_args.encoder_layers, model_args.decoder_layers) == (512, 6, 6)
-    assert (model_args.encoder_ffn_dim, model_args.encoder_attention_heads) == (2048, 8)
-    assert model_args.dropout == dropout and (train_args.adam_beta1, train_args.adam_beta2) == (0.9, beta2)
+    model, data_args, train_args = arguments.parse_arguments([str(CONFIGS / recipe)])
+    config = train.build_config(model, VocabularyOf(10000), train_args.max_steps)
+    assert (config.d_model, config.encoder_layers, config.decoder_layers) == (512, 6, 6)
+    assert (config.encoder_ffn_dim, config.encoder_attention_heads) == (2048, 8)
+    assert config.dropout == dropout and (train_args.adam_beta1, train_args.adam_beta2) == (0.9, beta2)
     assert (train_args.learning_rate, train_args.warmup_steps, train_args.weight_decay) == (5e-4, 10000, 0.01)
     assert train_args.mixed_precision == "bf16" and train_args.keep_best == 5
     tokens_per_update = train_args.max_tokens * train_args.gradient_accumulation_steps
@@ -83,22 +119,112 @@ def test_paper_recipes_carry_the_paper_hyperparameters(recipe, dropout, beta2):
 
 
 def test_command_line_overrides_the_recipe(tmp_path):
-    model_args, data_args, train_args = arguments.parse_arguments(
+    model, data_args, train_args = arguments.parse_arguments(
         [str(CONFIGS / "demo.yaml"), "--max_steps", "50", "--output_dir", str(tmp_path), "--d_model", "64",
-         "--weak_ar_share_parameters", "false", "--dataset", "wmt/wmt14", "--learning_rate", "3e-4"])
+         "--weak_ar_share_parameters", "false", "--dataset", "wmt/wmt14", "--learning_rate", "3e-4", "--glancing"])
     assert (train_args.max_steps, train_args.output_dir, train_args.learning_rate) == (50, str(tmp_path), 3e-4)
-    assert (model_args.d_model, model_args.weak_ar_share_parameters) == (64, False)
+    assert (model.fields["d_model"], model.fields["weak_ar_share_parameters"], model.fields["glancing"]) == (
+        64, False, True)  # a bare boolean flag means true
     assert data_args.dataset == "wmt/wmt14"
-    assert model_args.encoder_layers == yaml.safe_load((CONFIGS / "demo.yaml").read_text())["model"]["encoder_layers"]
+    assert model.fields["encoder_layers"] == yaml.safe_load((CONFIGS / "demo.yaml").read_text())["model"][
+        "encoder_layers"]
 
 
-def test_json_recipes_work_and_unknown_names_are_rejected(tmp_path):
-    (tmp_path / "r.json").write_text('{"training": {"max_steps": 7}, "model": {"d_model": 32}}')
-    model_args, _, train_args = arguments.parse_arguments([str(tmp_path / "r.json")])
-    assert (model_args.d_model, train_args.max_steps) == (32, 7)
-    (tmp_path / "bad.yaml").write_text("model:\n  d_modell: 32\n")
-    with pytest.raises(ValueError, match="d_modell"):
+def test_json_recipes_work_and_unknown_names_are_rejected_by_name(tmp_path):
+    (tmp_path / "r.json").write_text('{"training": {"max_steps": 7}, "model": {"d_model": 32, "model_type": "marian"}}')
+    model, _, train_args = arguments.parse_arguments([str(tmp_path / "r.json")])
+    assert (model.model_type, model.fields, train_args.max_steps) == ("marian", {"d_model": 32}, 7)
+    (tmp_path / "bad.yaml").write_text("model:\n  d_modle: 32\n")
+    with pytest.raises(ValueError, match="Unknown model field 'd_modle' \\(did you mean 'd_model'\\?\\)"):
         arguments.parse_arguments([str(tmp_path / "bad.yaml")])
+    with pytest.raises(ValueError, match="'d_modle' is no model, data or training field"):
+        arguments.parse_arguments(["--d_modle", "256"])
+    with pytest.raises(ValueError, match="'d_mod'"):  # no abbreviations either
+        arguments.parse_arguments(["--d_mod", "256"])
     (tmp_path / "misplaced.yaml").write_text("data:\n  max_steps: 3\n")
-    with pytest.raises(ValueError, match="max_steps"):
+    with pytest.raises(ValueError, match="Unknown data field 'max_steps'"):
         arguments.parse_arguments([str(tmp_path / "misplaced.yaml")])
+    (tmp_path / "section.yaml").write_text("models:\n  d_model: 3\n")
+    with pytest.raises(ValueError, match="Unknown recipe section 'models'"):
+        arguments.parse_arguments([str(tmp_path / "section.yaml")])
+
+
+@pytest.mark.parametrize("name", arguments.FROM_TOKENIZER)
+def test_the_tokenizers_fields_are_not_model_fields_of_a_recipe(name, tmp_path):
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"model": {name: 5}}))
+    with pytest.raises(ValueError, match=f"Model field '{name}' is taken from the run's tokenizer"):
+        arguments.parse_arguments([str(tmp_path / "r.yaml")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dropout", "2"], "WeakNATConfig.dropout must be in \\[0, 1\\]"),
+    (["--d_model", "100", "--encoder_attention_heads", "8"], "divisible by encoder_attention_heads"),
+    (["--upsample_method", "cubic"], "WeakNATConfig.upsample_method must be one of"),
+    (["--model_type", "marian", "--label_smoothing", "1.0"], "WeakNATConfig.label_smoothing"),
+])
+def test_the_config_validates_the_values_when_the_arguments_are_parsed(argv, message):
+    with pytest.raises(ValueError, match=message):
+        arguments.parse_arguments(argv)
+
+
+def test_a_value_of_the_wrong_type_in_a_recipe_names_the_field(tmp_path):
+    (tmp_path / "r.yaml").write_text("model:\n  d_model: 25.5\n")
+    with pytest.raises(ValueError, match="field 'd_model'"):
+        arguments.parse_arguments([str(tmp_path / "r.yaml")])
+
+
+@pytest.mark.parametrize("name", sorted(set(arguments.MODEL_FIELDS) - set(MARIAN_FIELDS)))
+def test_the_marian_baseline_refuses_every_weaknat_only_field(name, tmp_path):
+    value = changed_value(name)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"model": {"model_type": "marian", name: value}}))
+    flag = str(value).lower() if isinstance(value, bool) else str(value)
+    for argv in ([str(tmp_path / "r.yaml")], ["--model_type", "marian", f"--{name}", flag]):
+        with pytest.raises(ValueError, match=f"{name}={value!r}: WeakNAT-only, model_type marian .* would ignore it"):
+            arguments.parse_arguments(argv)
+
+
+@pytest.mark.parametrize("recipe", NAR_RECIPES)
+def test_a_nar_recipe_trains_the_marian_baseline_with_its_shared_fields(recipe, tokenizer):
+    """The recipes keep WeakNAT-only fields at their defaults, so each also serves `--model_type marian`."""
+    model, _, _ = arguments.parse_arguments([str(CONFIGS / recipe), "--model_type", "marian"])
+    marian = build_marian_baseline(model.fields, tokenizer)
+    recipe_values = yaml.safe_load((CONFIGS / recipe).read_text())["model"]
+    assert {name: getattr(marian.config, name) for name in recipe_values if name in MARIAN_FIELDS[:-1]} == {
+        name: value for name, value in recipe_values.items() if name in MARIAN_FIELDS[:-1]}
+
+
+def test_the_marian_baseline_takes_the_shared_fields_and_label_smoothing(tokenizer):
+    sizes = dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=4,
+                 encoder_ffn_dim=64, decoder_ffn_dim=48, max_position_embeddings=40, dropout=0.3,
+                 attention_dropout=0.1, activation_dropout=0.2)
+    model, _, _ = arguments.parse_arguments(
+        [str(CONFIGS / "multi30k_teacher.yaml"), *(f"--{k}={v}" for k, v in sizes.items()), "--label_smoothing", "0.2"])
+    assert model.model_type == "marian" and set(model.fields) <= set(MARIAN_FIELDS)
+    marian = build_marian_baseline(model.fields, tokenizer)
+    assert {name: getattr(marian.config, name) for name in sizes} == sizes and marian.label_smoothing == 0.2
+    defaults = build_marian_baseline({}, tokenizer)  # a field not given: WeakNATConfig's default, as for the NAR
+    assert (defaults.config.d_model, defaults.config.max_position_embeddings) == (512, 512)
+    assert defaults.label_smoothing == WeakNATConfig().label_smoothing
+
+
+def test_the_run_description_is_the_recipe_as_given_and_the_resolved_config(tmp_path):
+    model, data_args, train_args = arguments.parse_arguments([str(CONFIGS / "demo.yaml"), "--glancing", "true"])
+    config = train.build_config(model, VocabularyOf(1000), train_args.max_steps)
+    description = train.run_description(model, data_args, train_args, config)
+    (tmp_path / "run_args.json").write_text(yaml.safe_dump({k: v for k, v in description.items()
+                                                            if k != "model_config"}))
+    again, data_again, train_again = arguments.parse_arguments([str(tmp_path / "run_args.json")])  # a recipe itself
+    assert (again, data_again, train_again) == (model, data_args, train_args)
+    assert description["model"] == {"model_type": "weaknat", **yaml.safe_load((CONFIGS / "demo.yaml").read_text())[
+        "model"], "glancing": True}
+    assert description["model_config"] == config.to_dict()
+    assert description["model_config"]["glancing_anneal_steps"] == train_args.max_steps
+    assert dataclasses.asdict(data_args) == description["data"]
+
+
+def test_train_runs_as_a_module_and_its_help_lists_every_model_field_with_its_type():
+    help_text = run([sys.executable, "-m", "training.train", "--help"]).stdout
+    for name, annotation in arguments.MODEL_FIELDS.items():
+        kind = "BOOL" if annotation is bool else arguments.value_type(annotation).__name__.upper()
+        assert f"--{name} {kind}" in help_text or f"--{name} [{kind}]" in help_text, name
+    assert "(default: max_steps)" in help_text and "--model_type {weaknat,marian}" in help_text

@@ -9,18 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MULTI30K
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
+from training_runs import DEMO, ENV, REPO, TINY, TRAIN, records, run
 
-REPO = Path(__file__).resolve().parents[1]
-for path in (REPO, REPO / "training"):  # training/ is a folder of scripts, not a package
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-import hf_weaknat  # noqa: E402,F401  (registers the pipeline)
-from checkpoints import MODEL_DIR, STATE_FILE, complete_checkpoints, resolve_checkpoint  # noqa: E402
-from hf_weaknat import WeakNATForConditionalGeneration  # noqa: E402
-from training_runs import DEMO, ENV, TINY, TRAIN, records, run  # noqa: E402
+from hf_weaknat import WeakNATForConditionalGeneration  # also registers the pipeline
+from training import arguments, average_checkpoints, export, train
+from training.checkpoints import MODEL_DIR, STATE_FILE, complete_checkpoints, resolve_checkpoint
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -39,6 +35,14 @@ def demo_run(tmp_path_factory):
 def test_demo_recipe_trains_validates_checkpoints_and_records(demo_run):
     run_dir, log = demo_run
     assert (run_dir / "tokenizer/tokenizer.json").is_file()  # trained from the data: the recipe names none
+    assert "Tokenizer: joint unigram SentencePiece, 300 pieces, trained on the training data" in log
+    run_args = json.loads((run_dir / "run_args.json").read_text())
+    # the recipe's model section with TINY's flags on top, and the config it resolved to
+    assert run_args["model"] == {"model_type": "weaknat", "d_model": 32, "encoder_layers": 1, "decoder_layers": 2,
+                                 "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64,
+                                 "decoder_ffn_dim": 64, "dropout": 0.1, "max_position_embeddings": 48,
+                                 "weak_ar_layers": 1}
+    assert run_args["model_config"]["vocab_size"] == 300 and run_args["model_config"]["glancing_anneal_steps"] == 12
     stats = json.loads((run_dir / "data_stats.json").read_text())["train_pairs"]
     assert sum(stats.values()) == 400 and stats["kept"] > 0
     assert f"Training pairs: {stats['kept']} kept; left out: {stats['source_too_long']} with a source" in log
@@ -53,7 +57,7 @@ def test_demo_recipe_trains_validates_checkpoints_and_records(demo_run):
     assert "validation loss" in log and "tok:13a" in log  # the signature is printed
     assert list((run_dir / "logs").rglob("events.out.tfevents.*"))  # TensorBoard tracker
     assert (run_dir / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    first_test_source = (REPO / "training/data/multi30k/test.de").read_text(encoding="utf-8").splitlines()[0]
+    first_test_source = (MULTI30K / "test.de").read_text(encoding="utf-8").splitlines()[0]
     first_prediction = (run_dir / "predictions-test.txt").read_text().splitlines()[0]
     assert f"  {first_test_source}\n  -> {first_prediction}\n" in log  # the export translated through the pipeline
 
@@ -72,7 +76,7 @@ def test_demo_export_is_the_trained_model_without_weak_ar_and_translates(demo_ru
     batch = {"input_ids": torch.tensor([[5, 9, 30, 2], [7, 8, 2, 0]]),
              "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
     torch.testing.assert_close(exported.eval()(**batch).logits, trained.eval()(**batch).logits, rtol=0, atol=0)
-    sources = (REPO / "training/data/multi30k/test.de").read_text(encoding="utf-8").splitlines()[:6]
+    sources = (MULTI30K / "test.de").read_text(encoding="utf-8").splitlines()[:6]
     translator = pipeline("weaknat-translation", model=str(export))
     translations = [t["translation_text"] for t in translator(sources)]
     assert translations == (run_dir / "predictions-test.txt").read_text().splitlines()[:6]
@@ -80,15 +84,12 @@ def test_demo_export_is_the_trained_model_without_weak_ar_and_translates(demo_ru
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
     scores = json.loads((export / "eval_results.json").read_text())
     assert results == {"sacrebleu": round(scores["bleu"], 2), "chrf": round(scores["chrf"], 2)}
-    test_pairs = len((REPO / "training/data/multi30k/test.en").read_text(encoding="utf-8").splitlines())
+    test_pairs = len((MULTI30K / "test.en").read_text(encoding="utf-8").splitlines())
     assert scores["split"] == "test" and scores["num_sentences"] == test_pairs  # never capped by max_eval_samples
     assert (export / "learning_curve.png").is_file() and "learning_curve.png" in card.text
 
 
 def test_export_script_averages_and_pushes_exactly_the_export_folder(demo_run, tmp_path, monkeypatch):
-    import average_checkpoints
-    import export
-
     run_dir, _ = demo_run
     averaged = average_checkpoints.main(["--run_dir", str(run_dir), "--last", "2"])
     uploads = []
@@ -171,15 +172,24 @@ def test_streaming_run_resumes_mid_epoch_like_an_uninterrupted_run(tokenizer_dir
 
 
 def test_fresh_run_refuses_a_directory_with_checkpoints(demo_run):
-    import arguments
-    import train
-
     run_dir, _ = demo_run
     _, _, train_args = arguments.parse_arguments([DEMO, "--output_dir", str(run_dir)])
     with pytest.raises(FileExistsError, match="--resume_from_checkpoint latest"):
         train.resume_checkpoint(run_dir, train_args)
     train_args.resume_from_checkpoint = "latest"
     assert train.resume_checkpoint(run_dir, train_args).name == "step-00000012"
+
+
+def test_early_stopping_ends_the_run_when_validation_bleu_stops_improving(tokenizer_dir, tmp_path):
+    # a learning rate of 0: the weights never change, so no validation after the first is a new best
+    run_dir = tmp_path / "run"
+    result = run([sys.executable, TRAIN, DEMO, *TINY, "--tokenizer_name", str(tokenizer_dir), "--learning_rate", "0",
+                  "--max_steps", "40", "--eval_steps", "2", "--save_steps", "0", "--early_stopping_patience", "1",
+                  "--test_split", "", "--report_to", "none", "--output_dir", str(run_dir)])
+    assert "Validation BLEU has not improved for 1 validations: stopping at step 4" in result.stdout
+    assert [r["step"] for r in records(run_dir) if r["split"] == "validation"] == [2, 4]
+    assert [c.name for c in complete_checkpoints(run_dir / "checkpoints")] == ["step-00000004"]
+    assert (run_dir / "export/config.json").is_file()
 
 
 def test_two_processes_train_save_resume_and_export(tokenizer_dir, tmp_path):

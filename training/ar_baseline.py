@@ -11,8 +11,14 @@ import torch.nn.functional as F
 from transformers import MarianConfig, MarianMTModel
 from transformers.models.marian.modeling_marian import shift_tokens_right
 
-# WeakNAT-only model arguments that must keep their defaults for the AR baseline (a set value would be ignored)
-NAR_ONLY_DEFAULTS = {"normalize_before": False, "glancing": False}
+from hf_weaknat import WeakNATConfig
+
+# The model fields the AR baseline shares with WeakNAT. The others (upsampling, weak AR, glancing, pre-LN, loss
+# weights...) have no meaning for it: a recipe may keep them at WeakNATConfig's defaults (one recipe serves both
+# models), any other value is refused rather than silently ignored
+MARIAN_FIELDS = ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
+                 "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings", "dropout", "attention_dropout",
+                 "activation_dropout", "label_smoothing")
 
 
 def marian_config(tokenizer, *, d_model: int, encoder_layers: int, decoder_layers: int, encoder_attention_heads: int,
@@ -74,16 +80,24 @@ class MarianBaseline(MarianMTModel):
         return out
 
 
-def build_marian_baseline(model_args, tokenizer) -> MarianBaseline:
-    for name, default in NAR_ONLY_DEFAULTS.items():
-        if getattr(model_args, name) != default:
-            raise ValueError(f"--{name} {getattr(model_args, name)} has no meaning for --model_type marian "
-                             f"(MarianMTModel is a post-LN autoregressive Transformer)")
-    config = marian_config(tokenizer, **{name: getattr(model_args, name) for name in (
-        "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
-        "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings", "dropout", "attention_dropout",
-        "activation_dropout")})
-    return set_marian_generation_defaults(MarianBaseline(config, label_smoothing=model_args.label_smoothing), tokenizer)
+def check_marian_fields(fields: dict):
+    """Refuse WeakNAT-only fields set to anything but their default (the baseline would ignore them)."""
+    defaults = WeakNATConfig()
+    ignored = [f"{name}={value!r}" for name, value in fields.items()
+               if name not in MARIAN_FIELDS and value != getattr(defaults, name)]
+    if ignored:
+        raise ValueError(f"{', '.join(ignored)}: WeakNAT-only, model_type marian (a post-LN, ReLU MarianMTModel of "
+                         f"the same sizes) would ignore it; it takes {', '.join(MARIAN_FIELDS)}")
+
+
+def build_marian_baseline(fields: dict, tokenizer) -> MarianBaseline:
+    """The baseline from a recipe's model fields; a field not given takes WeakNATConfig's default, which also
+    validates the values (they mean the same for both models)."""
+    check_marian_fields(fields)
+    shared = WeakNATConfig(**fields)
+    sizes = {name: getattr(shared, name) for name in MARIAN_FIELDS if name != "label_smoothing"}
+    model = MarianBaseline(marian_config(tokenizer, **sizes), label_smoothing=shared.label_smoothing)
+    return set_marian_generation_defaults(model, tokenizer)
 
 
 def generation_limits(model, input_ids: torch.Tensor, ratio: float = 2.0) -> dict:

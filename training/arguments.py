@@ -1,60 +1,93 @@
-"""The three argument dataclasses of train.py and the recipe parser (YAML or JSON, command-line flags on top).
+"""What a run is told: a recipe (YAML or JSON) with sections `model`, `data` and `training`, flags on top.
 
-A recipe has sections `model`, `data` and `training`, one per dataclass:
-
-    model:
+    model:                 # model_type (weaknat or marian) and any WeakNATConfig field; the config validates them
       d_model: 256
-    training:
+      weak_ar_layers: 0
+    data:                  # DataArguments
+      dataset: training/corpora/multi30k
+    training:              # TrainingArguments
       max_steps: 1000
+
+The model section is not mirrored here: its fields are WeakNATConfig's own, with the config's types and defaults,
+and only the values given travel to the config. Every name is also a flag (`--d_model 256`, `--glancing true`,
+`--model_type marian`); `python training/train.py --help` lists them.
 """
 
+import argparse
 import dataclasses
+import difflib
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from huggingface_hub.errors import StrictDataclassError
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
+
+from hf_weaknat import WeakNATConfig
+from training.ar_baseline import check_marian_fields
+
+MODEL_TYPES = ("weaknat", "marian")
+# Taken from the run's tokenizer by train.py (`data.vocab_size` sets the size of a vocabulary trained for the run)
+FROM_TOKENIZER = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "blank_token_id")
+# The fields WeakNATConfig declares (not those it inherits from PreTrainedConfig), less the tokenizer's and the
+# architecture's fixed `is_encoder_decoder`
+MODEL_FIELDS = {name: kind for name, kind in WeakNATConfig.__annotations__.items()
+                if name not in FROM_TOKENIZER and name != "is_encoder_decoder"}
+MODEL_HELP = {
+    "max_position_embeddings": "Longest source in tokens; longer training pairs are dropped.",
+    "weak_ar_layers": "Layers per weak AR decoder; 0 = plain CTC.",
+}
+RUN_DEFAULTS = {"glancing_anneal_steps": "max_steps"}  # defaults train.py gives instead of the config's
 
 
 @dataclass
-class ModelArguments:
-    """WeakNATConfig fields, same names and defaults (paper base setup); vocabulary and special ids come from the
-    tokenizer. Plain CTC: `--weak_ar_layers 0`; glancing: `--glancing true`."""
+class ModelSection:
+    """The recipe's `model` section: which model, and the config fields set by the recipe or the command line.
 
-    model_type: str = field(default="weaknat", metadata={
-        "help": "weaknat (the NAR translator) or marian (transformers' MarianMTModel of the same sizes: the AR "
-                "baseline and distillation teacher; weak AR, upsampling and glancing fields do not apply)."})
-    d_model: int = 512
-    encoder_layers: int = 6
-    decoder_layers: int = 6
-    encoder_attention_heads: int = 8
-    decoder_attention_heads: int = 8
-    encoder_ffn_dim: int = 2048
-    decoder_ffn_dim: int = 2048
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    activation_dropout: float = 0.0
-    max_position_embeddings: int = field(default=512, metadata={"help": "Longest source; longer pairs are dropped."})
-    normalize_before: bool = False
-    upsample_ratio: int = 3
-    upsample_method: str = "linear"
-    weak_ar_layers: int = field(default=1, metadata={"help": "Layers per weak AR decoder; 0 = plain CTC."})
-    weak_ar_share_parameters: bool = True
-    weak_ar_layer_sample_ratio: float = 0.5
-    weak_ar_on_encoder: bool = False
-    weak_ar_loss_reduction: str = "mean"
-    nar_loss_weight: float = 0.5
-    label_smoothing: float = 0.1
-    glancing: bool = False
-    glancing_start_ratio: float = 0.5
-    glancing_end_ratio: float = 0.3
-    glancing_anneal_steps: int | None = field(default=None, metadata={"help": "Default: max_steps."})
+    Checked when made: `model_type` is known, every name is a WeakNATConfig field, a Marian baseline gets no
+    WeakNAT-only field away from its default, and WeakNATConfig validates every value (for the Marian baseline too:
+    the shared fields mean the same there).
+    """
+
+    model_type: str = "weaknat"
+    fields: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"Unknown model_type {self.model_type!r}: one of {MODEL_TYPES}")
+        for name in self.fields:
+            check_model_field(name)
+        if self.model_type == "marian":
+            check_marian_fields(self.fields)
+        # what WeakNATConfig makes of the fields (its defaults for the rest): validated now, before any data is read
+        self.resolved = weaknat_config(**self.fields)
+
+    def as_recipe(self) -> dict:
+        return {"model_type": self.model_type, **self.fields}
+
+
+def weaknat_config(**fields) -> WeakNATConfig:
+    """WeakNATConfig(**fields), its validation errors as ValueErrors naming the field."""
+    try:
+        return WeakNATConfig(**fields)
+    except StrictDataclassError as error:  # a wrong type (e.g. `d_model: 25.6`): huggingface_hub's strict check
+        raise ValueError(f"Invalid model field: {error}") from error
+
+
+def check_model_field(name: str):
+    if name in FROM_TOKENIZER:
+        raise ValueError(f"Model field {name!r} is taken from the run's tokenizer (data.vocab_size sets the size of "
+                         "a vocabulary trained for the run)")
+    if name not in MODEL_FIELDS:
+        raise ValueError(f"Unknown model field {name!r}{_did_you_mean(name, MODEL_FIELDS)}")
 
 
 @dataclass
 class DataArguments:
-    dataset: str = field(default="training/data/multi30k", metadata={"help": "Hub id or local directory."})
+    dataset: str = field(default="training/corpora/multi30k", metadata={"help": "Hub id or local directory."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub config, e.g. de-en."})
     dataset_revision: str | None = None
     dataset_data_dir: str | None = None
@@ -97,28 +130,70 @@ class TrainingArguments:
     push_to_hub: str | None = field(default=None, metadata={"help": "Repo id to upload the export to."})
 
 
-ARGUMENT_CLASSES = {"model": ModelArguments, "data": DataArguments, "training": TrainingArguments}
+SECTIONS = {"data": DataArguments, "training": TrainingArguments}
 
 
-def parse_arguments(argv: list[str] | None = None):
-    """(model, data, training) arguments: the recipe file (first argument) as defaults, command-line flags on top."""
+def build_parser() -> HfArgumentParser:
+    """DataArguments and TrainingArguments as HfArgumentParser makes them, then one flag per model field, typed by
+    its annotation in WeakNATConfig. A model flag not given is absent: the config's own default applies."""
+    parser = HfArgumentParser(tuple(SECTIONS.values()), allow_abbrev=False)
+    model = parser.add_argument_group("model", "model_type and the WeakNATConfig fields (default: the config's)")
+    model.add_argument("--model_type", "--model-type", choices=MODEL_TYPES, default="weaknat",
+                       help="weaknat (the NAR translator) or marian (transformers' MarianMTModel of the same sizes: "
+                            "the AR baseline and distillation teacher; WeakNAT-only fields must keep their defaults)")
+    defaults = {name: RUN_DEFAULTS.get(name, getattr(WeakNATConfig(), name)) for name in MODEL_FIELDS}
+    for name, annotation in MODEL_FIELDS.items():
+        flags = [f"--{name}", f"--{name.replace('_', '-')}"] if "_" in name else [f"--{name}"]
+        convert = value_type(annotation)
+        options = {"nargs": "?", "const": True, "metavar": "BOOL"} if convert is string_to_bool else {
+            "metavar": convert.__name__.upper()}  # `--glancing` alone means `--glancing true`
+        model.add_argument(*flags, dest=name, type=convert, default=argparse.SUPPRESS,
+                           help=f"{MODEL_HELP.get(name, '')} (default: {defaults[name]})".lstrip(), **options)
+    return parser
+
+
+def value_type(annotation) -> typing.Callable[[str], object]:
+    """The converter of a flag's text for a field annotation: `float | int` reads as float, `bool` as true/false."""
+    kinds = [kind for kind in typing.get_args(annotation) or (annotation,) if kind is not type(None)]
+    return string_to_bool if bool in kinds else kinds[0]
+
+
+def parse_arguments(argv: list[str] | None = None) -> tuple[ModelSection, DataArguments, TrainingArguments]:
+    """(model, data, training): the recipe file (first argument) as defaults, command-line flags on top."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(tuple(ARGUMENT_CLASSES.values()))
+    parser = build_parser()
     if argv and not argv[0].startswith("-"):
         recipe = yaml.safe_load(Path(argv.pop(0)).read_text())  # YAML is a superset of JSON: both work
         parser.set_defaults(**flatten_recipe(recipe or {}))
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    data_args, train_args, model, unknown = parser.parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False, return_remaining_strings=True)
+    if unknown:
+        name = unknown[0].lstrip("-").replace("-", "_").split("=")[0]
+        known = [*MODEL_FIELDS, *(f.name for section in SECTIONS.values() for f in dataclasses.fields(section))]
+        if name in FROM_TOKENIZER:
+            check_model_field(name)
+        raise ValueError(f"Unknown argument {unknown[0]!r}: {name!r} is no model, data or training field"
+                         f"{_did_you_mean(name, known)}")
+    fields = vars(model)
+    return ModelSection(model_type=fields.pop("model_type"), fields=fields), data_args, train_args
 
 
 def flatten_recipe(recipe: dict) -> dict:
-    """`{section: {name: value}}` -> `{name: value}`, rejecting names that are not fields of that section."""
+    """`{section: {name: value}}` -> `{name: value}`, rejecting names that are not fields of their section."""
     flat = {}
     for section, values in recipe.items():
-        if section not in ARGUMENT_CLASSES:
-            raise ValueError(f"Unknown recipe section {section!r}; expected {sorted(ARGUMENT_CLASSES)}")
-        names = {f.name for f in dataclasses.fields(ARGUMENT_CLASSES[section])}
+        if section not in ("model", *SECTIONS):
+            raise ValueError(f"Unknown recipe section {section!r}; expected model, data or training")
+        names = {f.name for f in dataclasses.fields(SECTIONS[section])} if section in SECTIONS else None
         for name, value in (values or {}).items():
-            if name not in names:
-                raise ValueError(f"Unknown field {name!r} in recipe section {section!r}")
+            if names is None and name != "model_type":
+                check_model_field(name)
+            elif names is not None and name not in names:
+                raise ValueError(f"Unknown {section} field {name!r}{_did_you_mean(name, names)}")
             flat[name] = value
     return flat
+
+
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

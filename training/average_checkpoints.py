@@ -6,19 +6,14 @@
 Then `python training/export.py --run_dir runs/x --checkpoint <output_dir>` scores and exports the average.
 """
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `training/` is a folder of scripts run from a checkout, not a package
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+from transformers import AutoModelForSeq2SeqLM, HfArgumentParser
 
-import torch  # noqa: E402
-from transformers import AutoModelForSeq2SeqLM, HfArgumentParser  # noqa: E402
-
-import hf_weaknat  # noqa: E402,F401  (registers the weaknat Auto classes)
-from checkpoints import CHECKPOINT_NAME, MODEL_DIR, best_score, complete_checkpoints  # noqa: E402
+import hf_weaknat  # noqa: F401  (registers the weaknat Auto classes)
+from training.checkpoints import CHECKPOINT_NAME, MODEL_DIR, best_score, complete_checkpoints
 
 
 def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -11,13 +11,16 @@ Training pairs that cannot train (source too long, target unable to fit the CTC 
 
 import csv
 import inspect
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from datasets import Dataset, IterableDataset, load_dataset
 from datasets.fingerprint import Hasher
+from transformers import AutoTokenizer
 
+from hf_weaknat import train_weaknat_tokenizer
 from hf_weaknat.ctc import ctc_min_frames
 
 # Reasons a training pair is left out (stored per example in the `fit` column)
@@ -164,8 +167,26 @@ def training_texts(dataset, max_stream_pairs: int = 1_000_000):
         yield from batch["target"]
 
 
+def load_or_train_tokenizer(name: str | None, texts=None, *, files=None, vocab_size: int, save_directory=None,
+                            **options):
+    """(tokenizer, where it came from): `name` (a saved tokenizer or a Hub id) if given, else a joint SentencePiece
+    trained on `texts` and/or `files` (`options`: train_weaknat_tokenizer's). Saved to `save_directory` either way."""
+    if name:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        if save_directory:
+            tokenizer.save_pretrained(save_directory)
+        return tokenizer, f"loaded from {name}"
+    started = time.perf_counter()
+    tokenizer = train_weaknat_tokenizer(texts, files=files, vocab_size=vocab_size, save_directory=save_directory,
+                                        **options)
+    lines = f" (at most {options['max_sentences']} lines)" if "max_sentences" in options else ""
+    trained_on = " + ".join(Path(f).name for f in files) if files else "the training data"
+    return tokenizer, (f"joint unigram SentencePiece, {vocab_size} pieces, trained on {trained_on}{lines} in "
+                       f"{time.perf_counter() - started:.1f}s")
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# From the run's arguments (arguments.DataArguments / ModelArguments) to the datasets train.py uses
+# From the run's arguments (arguments.DataArguments) and model config to the datasets train.py uses
 
 
 def load_training_split(data_args):
@@ -200,30 +221,32 @@ def _split_options(data_args) -> dict:
                 revision=data_args.dataset_revision, data_dir=data_args.dataset_data_dir)
 
 
-def tokenize_evaluation_splits(accelerator, splits: dict, tokenizer, model_args) -> dict:
+def tokenize_evaluation_splits(accelerator, splits: dict, tokenizer, config) -> dict:
+    """`config`: the model's (a WeakNATConfig, or the Marian baseline's MarianConfig)."""
     with accelerator.main_process_first():  # the main process fills the map cache, the others read it
-        return {name: tokenize_pairs(split, tokenizer, frames_per_token(model_args), model_args.max_position_embeddings,
+        return {name: tokenize_pairs(split, tokenizer, frames_per_token(config), config.max_position_embeddings,
                                      for_evaluation=True)
                 for name, split in splits.items()}
 
 
-def frames_per_token(model_args) -> int | None:
+def frames_per_token(config) -> int | None:
     """CTC frames per source token, or None for the autoregressive baseline (no frames to fit)."""
-    return model_args.upsample_ratio if model_args.model_type == "weaknat" else None
+    return config.upsample_ratio if config.model_type == "weaknat" else None
 
 
-def tokenize_training_split(accelerator, train, tokenizer, model_args):
+def tokenize_training_split(accelerator, train, tokenizer, config):
     """Tokenize, then drop (and count) pairs that are too long or whose target cannot fit the CTC frames."""
+    limit = config.max_position_embeddings
     with accelerator.main_process_first():
-        train = tokenize_pairs(train, tokenizer, frames_per_token(model_args), model_args.max_position_embeddings)
+        train = tokenize_pairs(train, tokenizer, frames_per_token(config), limit)
     if not isinstance(train, Dataset):
         stream_counts = StreamFilterCounts()
         return stream_counts.apply(train), stream_counts.counts  # the counts fill up as the stream is read
     train, counts = drop_unfit_pairs(train)
-    target_reason = (f"whose target cannot fit {model_args.upsample_ratio} frames per source token"
-                     if frames_per_token(model_args) else f"with a target over {model_args.max_position_embeddings} tokens")
+    target_reason = (f"whose target cannot fit {config.upsample_ratio} frames per source token"
+                     if frames_per_token(config) else f"with a target over {limit} tokens")
     if counts["kept"] == 0:
         raise ValueError(f"No trainable pair left: {counts}")
     accelerator.print(f"Training pairs: {counts['kept']} kept; left out: {counts['source_too_long']} with a source "
-                      f"over {model_args.max_position_embeddings} tokens, {counts['target_does_not_fit']} {target_reason}")
+                      f"over {limit} tokens, {counts['target_does_not_fit']} {target_reason}")
     return train, counts

@@ -1,6 +1,6 @@
 """Sequence-level knowledge distillation: translate a training set's sources with an AR teacher.
 
-    accelerate launch training/distill.py --teacher runs/multi30k_ar/export --dataset training/data/multi30k \
+    accelerate launch training/distill.py --teacher runs/multi30k_ar/export --dataset training/corpora/multi30k \
         --source_lang de --target_lang en --output_dir data/multi30k_distilled --keep_splits valid,test
     accelerate launch training/train.py training/configs/multi30k_de_en.yaml \
         --dataset data/multi30k_distilled --distilled true
@@ -16,24 +16,19 @@ the shards into `<train_split>.<src>` + `<train_split>.<tgt>`, the two-file layo
 
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `training/` is a folder of scripts run from a checkout, not a package
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser
 
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser  # noqa: E402
-
-import hf_weaknat  # noqa: E402,F401  (registers the weaknat Auto classes: a WeakNAT can be a teacher too)
-from ar_baseline import generation_limits  # noqa: E402
-from batching import pack_by_tokens  # noqa: E402
-from data import load_split  # noqa: E402
+import hf_weaknat  # noqa: F401  (registers the weaknat Auto classes: a WeakNAT can be a teacher too)
+from training.ar_baseline import generation_limits
+from training.batching import pack_by_tokens
+from training.data import load_split
 
 SHARD_DIR = "shards"
 
@@ -42,7 +37,7 @@ SHARD_DIR = "shards"
 class DistillArguments:
     teacher: str = field(metadata={"help": "Seq2seq teacher: a local directory or a Hub id (with its tokenizer)."})
     output_dir: str = field(metadata={"help": "Where the distilled corpus (two-file layout) is written."})
-    dataset: str = field(default="training/data/multi30k", metadata={"help": "Hub id or local directory."})
+    dataset: str = field(default="training/corpora/multi30k", metadata={"help": "Hub id or local directory."})
     dataset_config: str | None = None
     dataset_revision: str | None = None
     dataset_data_dir: str | None = None

@@ -11,8 +11,8 @@ import torch
 from accelerate.utils import DistributedType, gather_object
 from sacrebleu.metrics import BLEU, CHRF
 
-from ar_baseline import generation_limits
-from batching import collate, pack_by_tokens
+from training.ar_baseline import generation_limits
+from training.batching import collate, pack_by_tokens
 
 
 class TranslationScores(evaluate.Metric):

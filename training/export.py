@@ -7,24 +7,18 @@ The checkpoint may also be an averaged model (training/average_checkpoints.py). 
 """
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `training/` is a folder of scripts run from a checkout, not a package
-    sys.path.insert(0, str(REPO_ROOT))
+from accelerate import Accelerator
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser
 
-from accelerate import Accelerator  # noqa: E402
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser  # noqa: E402
-
-from hf_weaknat import push_export_to_hub  # noqa: E402  (also registers the weaknat Auto classes)
-
-from checkpoints import MODEL_DIR, STATE_FILE, resolve_checkpoint  # noqa: E402
-from evaluation import evaluate_split  # noqa: E402
-from model_card import export_with_card  # noqa: E402
-from arguments import DataArguments, ModelArguments  # noqa: E402
-from data import load_evaluation_splits, tokenize_evaluation_splits  # noqa: E402
+from hf_weaknat import push_export_to_hub  # also registers the weaknat Auto classes
+from training.arguments import DataArguments
+from training.checkpoints import MODEL_DIR, STATE_FILE, resolve_checkpoint
+from training.data import load_evaluation_splits, tokenize_evaluation_splits
+from training.evaluation import evaluate_split
+from training.model_card import export_with_card
 
 
 @dataclass
@@ -50,9 +44,9 @@ def main(argv: list[str] | None = None) -> Path:
     if checkpoint is None:
         raise FileNotFoundError(f"No checkpoint under {run_dir / 'checkpoints'}")
     model, tokenizer = load_checkpoint_model(checkpoint), AutoTokenizer.from_pretrained(run_dir / "tokenizer")
-    data_args, model_args = DataArguments(**run_args["data"]), ModelArguments(**run_args["model"])
+    data_args = DataArguments(**run_args["data"])
     accelerator = Accelerator()
-    evaluation = tokenize_evaluation_splits(accelerator, load_evaluation_splits(data_args), tokenizer, model_args)
+    evaluation = tokenize_evaluation_splits(accelerator, load_evaluation_splits(data_args), tokenizer, model.config)
     eval_split = data_args.test_split if data_args.test_split in evaluation else data_args.validation_split
     scores = evaluate_split(accelerator, model.to(accelerator.device), tokenizer, evaluation[eval_split],
                             run_args["training"]["max_tokens"])

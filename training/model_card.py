@@ -11,8 +11,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_weaknat import export_for_hub
-
-from ar_baseline import export_marian
+from training.ar_baseline import export_marian
 
 CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 # What differs between the two model families train.py exports, by config.model_type

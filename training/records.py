@@ -3,10 +3,7 @@
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on training machines; set before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # not pyplot: no GUI backend or global figure state on training machines
 
 
 class MetricsLog:
@@ -36,7 +33,8 @@ def plot_learning_curve(metrics_path: Path, image_path: Path) -> Path:
     records = read_records(metrics_path) if Path(metrics_path).is_file() else []
     train = [r for r in records if r.get("split") == "train"]
     valid = [r for r in records if r.get("split") == "validation"]
-    figure, (loss_axis, score_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
+    figure = Figure(figsize=(10, 3.6))
+    loss_axis, score_axis = figure.subplots(1, 2)
     for key in ("loss", "ctc_loss", "ar_loss"):
         points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
         if points:
@@ -56,5 +54,4 @@ def plot_learning_curve(metrics_path: Path, image_path: Path) -> Path:
         axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(image_path, dpi=100)
-    plt.close(figure)
     return Path(image_path)

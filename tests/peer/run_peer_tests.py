@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 # Copyright 2026 The hf_weaknat authors. Licensed under the Apache License, Version 2.0.
-"""Run transformers' own common model tests against hf_weaknat (issue 5: conformance).
+"""Run transformers' own common model tests against hf_weaknat (conformance).
 
     python tests/peer/run_peer_tests.py [--keep] [-- <extra pytest args, e.g. -k attention -x>]
 

@@ -6,8 +6,8 @@ Library:
 
 CLI: translate a test set with any exported WeakNAT model (or any transformers seq2seq model, e.g. MarianMT), or
 score existing outputs, then print sacreBLEU (with its signature), chrF, the repetition rate and BLEU per bucket:
-    python training/analyze.py --model runs/export --source test.de --reference test.en [--num_beams 5] [--json a.json]
-    python training/analyze.py --hypotheses out.en --reference test.en
+    python training/evidence/analyze.py --model runs/export --source test.de --reference test.en [--num_beams 5]
+    python training/evidence/analyze.py --hypotheses out.en --reference test.en
 """
 
 import argparse
@@ -17,7 +17,8 @@ from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF
 
-MULTI30K = Path(__file__).resolve().parent / "data" / "multi30k"
+from training.evidence import MULTI30K, recorded_path
+
 # (low, high] in reference tokens; None = no upper bound. The paper's Table 4 (WMT14) uses PAPER_BUCKETS; Multi30k
 # references average ~12 tokens, so the default splits short sentences finer.
 DEFAULT_BUCKETS = ((0, 10), (10, 20), (20, 30), (30, None))
@@ -71,8 +72,8 @@ def translate(model_dir, sources: list[str], num_beams: int = 1, batch_size: int
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from ar_baseline import generation_limits
     from hf_weaknat import WeakNATForConditionalGeneration  # registers the weaknat Auto classes
+    from training.ar_baseline import generation_limits
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).to(device).eval()
@@ -157,7 +158,7 @@ def main(argv=None):
         print(f"  {row['bucket']:>9}  {row['sentences']:>6} sentences  BLEU {score}")
     if args.json:
         source = {"model": args.model, "num_beams": args.num_beams} if args.model else {"hypotheses": args.hypotheses}
-        Path(args.json).write_text(json.dumps({**source, "reference": args.reference, **report,
+        Path(args.json).write_text(json.dumps({**source, "reference": recorded_path(args.reference), **report,
                                                "translations": hypotheses}, indent=2, ensure_ascii=False))
     return report
 

@@ -1,4 +1,5 @@
-"""The benchmark and analysis scripts: quick end-to-end runs with well-formed JSON, and the analyses on hand cases."""
+"""The evidence tools (training/evidence/): the benchmarks' JSON is well formed and consistent with its own
+measurements, the analyses match sacreBLEU on hand cases, and each tool runs on exported models as the README does."""
 
 import json
 import math
@@ -10,19 +11,38 @@ from pathlib import Path
 import pytest
 import sacrebleu
 import torch
-from conftest import tiny_config
+from conftest import MULTI30K, tiny_config
+from training_runs import ENV, REPO, run
+from transformers import AutoTokenizer, MarianMTModel
 
 from hf_weaknat import WeakNATForConditionalGeneration, export_for_hub
+from training.ar_baseline import MarianBaseline, export_marian, marian_config
+from training.data import load_or_train_tokenizer
+from training.evidence.analyze import bleu_by_length, repetition_rate
 
-TRAINING = Path(__file__).resolve().parents[1] / "training"
-sys.path.insert(0, str(TRAINING))
-from analyze import bleu_by_length, repetition_rate  # noqa: E402
+EVIDENCE = REPO / "training/evidence"
+POSITIONS = 48  # of the exported models below
+
+
+@pytest.fixture(scope="module")
+def exports(tokenizer_dir, tmp_path_factory):
+    """A tiny WeakNAT and a tiny MarianMTModel (random weights), exported as train.py exports them."""
+    out = tmp_path_factory.mktemp("exports")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    nar = WeakNATForConditionalGeneration(tiny_config(vocab_size=len(tokenizer), max_position_embeddings=POSITIONS))
+    export_for_hub(nar, out / "nar", tokenizer=tokenizer)
+    sizes = dict(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                 encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=POSITIONS)
+    export_marian(MarianBaseline(marian_config(tokenizer, **sizes)), tokenizer, out / "ar")
+    return {"nar": out / "nar", "ar": out / "ar"}
 
 
 def start(script: str, *args) -> subprocess.Popen:
-    # one thread: the JSON's shape is under test, not the speed, and a busy machine makes 2-thread runs crawl
-    return subprocess.Popen([sys.executable, str(TRAINING / script), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    # run by path, as the README does; one thread: the JSON's shape is under test, not the speed, and a busy machine
+    # makes 2-thread runs crawl
+    return subprocess.Popen([sys.executable, str(EVIDENCE / script), *map(str, args)], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(process: subprocess.Popen, json_path: Path) -> dict:
@@ -111,11 +131,9 @@ def test_analyze_cli_translates_with_an_exported_model_and_scores(tokenizer, tmp
     source.write_text("Ein Hund läuft.\nZwei Männer sitzen auf einer Bank im Park.\nEin Kind.\n", encoding="utf-8")
     reference.write_text("A dog runs.\nTwo men sit on a bench in the park.\nA child.\n", encoding="utf-8")
     out = tmp_path / "analysis.json"
-    run = subprocess.run([sys.executable, str(TRAINING / "analyze.py"), "--model", str(export), "--source",
-                          str(source), "--reference", str(reference), "--num_beams", "2", "--batch_size", "2",
-                          "--json", str(out), "--output", str(tmp_path / "hyp.en")],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
+    result = run([sys.executable, str(EVIDENCE / "analyze.py"), "--model", str(export), "--source", str(source),
+                  "--reference", str(reference), "--num_beams", "2", "--batch_size", "2", "--json", str(out),
+                  "--output", str(tmp_path / "hyp.en")], timeout=300)
     report = json.loads(out.read_text())
     with torch.inference_mode():
         batch = tokenizer(source.read_text(encoding="utf-8").splitlines(), padding=True, return_tensors="pt")
@@ -125,12 +143,10 @@ def test_analyze_cli_translates_with_an_exported_model_and_scores(tokenizer, tmp
     assert report["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references]).score)
     assert report["repetition_rate"] == pytest.approx(repetition_rate(hypotheses))
     assert sum(row["sentences"] for row in report["bleu_by_length"]) == 3
-    assert "BLEU" in run.stdout and "repeated tokens" in run.stdout
+    assert "BLEU" in result.stdout and "repeated tokens" in result.stdout
 
-    rescored = subprocess.run([sys.executable, str(TRAINING / "analyze.py"), "--hypotheses", str(tmp_path / "hyp.en"),
-                               "--reference", str(reference), "--json", str(tmp_path / "rescored.json")],
-                              capture_output=True, text=True, timeout=300)
-    assert rescored.returncode == 0, rescored.stderr
+    run([sys.executable, "-m", "training.evidence.analyze", "--hypotheses", str(tmp_path / "hyp.en"),  # as a module
+         "--reference", str(reference), "--json", str(tmp_path / "rescored.json")])
     assert json.loads((tmp_path / "rescored.json").read_text())["bleu"] == pytest.approx(report["bleu"])
     assert not math.isnan(report["chrf"])
 
@@ -142,11 +158,49 @@ def test_compare_runs_tabulates_and_plots_each_runs_own_validation_records(tmp_p
         lines = [{"split": "train", "step": step, "tokens_per_s": speed} for step, _, speed in points]
         lines += [{"split": "validation", "step": step, "bleu": bleu} for step, bleu, _ in points]
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    out = subprocess.run([sys.executable, str(TRAINING / "compare_runs.py"), f"plain CTC={tmp_path / 'ctc'}",
-                          str(tmp_path / "weak"), "--plot", str(tmp_path / "curves.png"), "--json",
-                          str(tmp_path / "runs.json")], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = run([sys.executable, str(EVIDENCE / "compare_runs.py"), f"plain CTC={tmp_path / 'ctc'}",
+               str(tmp_path / "weak"), "--plot", str(tmp_path / "curves.png"), "--json", str(tmp_path / "runs.json")],
+              timeout=120)
     assert "| plain CTC | 5.00 | 12.50 | 12.50 | 810 |" in out.stdout
     assert "| weak | 4.00 | 13.25 | 13.25 | 620 |" in out.stdout
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "runs.json").read_text())["weak"]["validation_bleu"] == {"100": 4.0, "200": 13.25}
+
+
+def test_analyze_scores_an_ar_export_and_keeps_its_output_within_the_positions(exports, tmp_path):
+    sources = (MULTI30K / "test.de").read_text(encoding="utf-8").splitlines()[:6]
+    sources.append(" ".join(sources))  # far over the model's 48 positions: cut, never an index error
+    (tmp_path / "src.de").write_text("\n".join(sources) + "\n", encoding="utf-8")
+    (tmp_path / "ref.en").write_text("\n".join(["A reference ."] * len(sources)) + "\n", encoding="utf-8")
+    result = run([sys.executable, str(EVIDENCE / "analyze.py"), "--model", str(exports["ar"]), "--num_beams", "2",
+                  "--source", str(tmp_path / "src.de"), "--reference", str(tmp_path / "ref.en"),
+                  "--json", str(tmp_path / "a.json")])
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert len(report["translations"]) == len(sources) and "repeated tokens" in result.stdout
+    model, tokenizer = MarianMTModel.from_pretrained(exports["ar"]).eval(), AutoTokenizer.from_pretrained(exports["ar"])
+    batch = tokenizer(sources[:1], truncation=True, max_length=POSITIONS, return_tensors="pt")  # alone, unpadded
+    limit = min(2 * batch["input_ids"].shape[1] + 10, POSITIONS - 1)
+    alone = tokenizer.decode(model.generate(**batch, num_beams=2, max_new_tokens=limit)[0], skip_special_tokens=True)
+    assert report["translations"][0] == alone.strip()
+
+
+def test_speed_benchmark_on_exported_models_scores_every_system(exports, tmp_path):
+    """`--nar/--ar` directories: each model with its own tokenizer, AR decoding to its own </s>, BLEU per system."""
+    out = tmp_path / "speed.json"
+    run([sys.executable, str(EVIDENCE / "benchmark_speed.py"), "--quick", "--threads", "1", "--int8",
+         "--nar", str(exports["nar"]), "--ar", str(exports["ar"]), "--bleu_lines", "8", "--json", str(out)])
+    result = json.loads(out.read_text())["results"]["cpu"]
+    assert set(result["bleu"]) == {"nar_greedy", "nar_beam", "ar_greedy", "ar_beam", "nar_greedy_int8",
+                                   "ar_greedy_int8"}
+    for score in result["bleu"].values():
+        assert score["sentences"] == 8 and score["signature"].startswith("nrefs:1|") and score["bleu"] >= 0
+    assert all(entry["ar_forced_steps"] is None for entry in result["batch_sizes"].values())  # a given AR stops itself
+
+
+def test_one_tokenizer_function_loads_a_saved_tokenizer_or_trains_one(tokenizer_dir, tmp_path):
+    loaded, origin = load_or_train_tokenizer(str(tokenizer_dir), vocab_size=0, save_directory=tmp_path / "copy")
+    assert origin == f"loaded from {tokenizer_dir}" and (tmp_path / "copy/tokenizer.json").is_file()
+    files = [MULTI30K / "valid.de", MULTI30K / "valid.en"]
+    trained, origin = load_or_train_tokenizer(None, files=files, vocab_size=200, max_sentences=500, num_threads=1)
+    assert len(trained) == 200 and origin.startswith(
+        "joint unigram SentencePiece, 200 pieces, trained on valid.de + valid.en (at most 500 lines) in ")

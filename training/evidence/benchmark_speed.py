@@ -19,9 +19,9 @@ AR decodes normally up to `2 * source length + 10` new tokens. The NAR's cost do
 one forward pass plus an argmax and a collapse; beam search always walks every valid frame with a fixed beam.
 
 Examples:
-    python training/benchmark_speed.py                       # base size, random weights, batch 1/8/64, CPU
-    python training/benchmark_speed.py --quick --json out.json
-    python training/benchmark_speed.py --nar runs/export --ar runs/marian --int8 --plot speed.png
+    python training/evidence/benchmark_speed.py                       # base size, random weights, batch 1/8/64, CPU
+    python training/evidence/benchmark_speed.py --quick --json out.json
+    python training/evidence/benchmark_speed.py --nar runs/export --ar runs/marian --int8 --plot speed.png
 """
 
 import argparse
@@ -37,18 +37,19 @@ from pathlib import Path
 import sacrebleu
 import torch
 import transformers
+from matplotlib.figure import Figure
 from transformers import AutoTokenizer, MarianMTModel
 
-import hf_weaknat
-from analyze import read_lines
-from ar_baseline import generation_limits, marian_config
 from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration
+from training.ar_baseline import generation_limits, marian_config
+from training.data import load_or_train_tokenizer
+from training.evidence import MULTI30K, recorded_path
+from training.evidence.analyze import read_lines
 
-MULTI30K = Path(__file__).resolve().parent / "data" / "multi30k"
 # The paper's base Transformer (Appendix A); --quick uses the tiny one.
 BASE_SIZES = dict(d_model=512, layers=6, heads=8, ffn=2048)
 QUICK_SIZES = dict(d_model=64, layers=2, heads=4, ffn=128)
-# The issue's targets at the base size on CPU: (batch size, NAR system, reference system, minimum speed-up)
+# The project's targets at the base size on CPU: (batch size, NAR system, reference system, minimum speed-up)
 TARGETS = ((1, "nar_greedy", "ar_greedy", 8.0), (64, "nar_greedy", "ar_greedy", 1.5), (64, "nar_greedy", "ar_beam", 5.0))
 
 
@@ -101,19 +102,6 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
-
-
-def load_or_train_tokenizer(directory, files, vocab_size: int, max_sentences: int = 2_000_000,
-                            save_directory=None):
-    """(tokenizer, where it came from): `directory` if given, else a joint unigram SentencePiece trained on `files`."""
-    if directory:
-        return AutoTokenizer.from_pretrained(directory), f"loaded from {directory}"
-    started = time.perf_counter()
-    tokenizer = hf_weaknat.train_weaknat_tokenizer(files=files, vocab_size=vocab_size, max_sentences=max_sentences,
-                                                   num_threads=1, save_directory=save_directory)
-    names = " + ".join(Path(f).name for f in files)
-    return tokenizer, (f"joint unigram SentencePiece, {vocab_size} pieces, trained on {names} (at most "
-                       f"{max_sentences} lines) in {time.perf_counter() - started:.1f}s")
 
 
 def model_tokenizer(directory, fallback):
@@ -328,12 +316,8 @@ def check_targets(result, base_size) -> list[dict]:
 
 
 def plot(results, path, args):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    fig = Figure(figsize=(6 * len(results), 4.5))
+    axes = fig.subplots(1, len(results), squeeze=False)
     for ax, (device, result) in zip(axes[0], results.items()):
         sizes = sorted(result["batch_sizes"])
         measured = result["batch_sizes"][sizes[0]]["systems"]
@@ -371,7 +355,8 @@ def describe_setup(args, nar, ar, tokenizer_origin, forced_length) -> dict:
         "parameters": {"nar": sum(p.numel() for p in nar.parameters()), "ar": sum(p.numel() for p in ar.parameters())},
         "tokenizer": tokenizer_origin or "each model's own",
         "attention": {"nar": nar.config._attn_implementation, "ar": ar.config._attn_implementation},
-        "source": args.source, "reference": args.reference, "sentences": args.sentences,
+        "source": recorded_path(args.source), "reference": recorded_path(args.reference),
+        "sentences": args.sentences,
         "order": f"first n lines, {'sorted by source length' if args.order == 'sorted' else 'in file order'}",
         "warmup_batches": args.warmup, "repeats": args.repeats, "nar_beams": args.nar_beams,
         "beam_token_candidates": args.beam_token_candidates or 2 * args.nar_beams, "ar_beams": args.ar_beams,
@@ -406,8 +391,8 @@ def main(argv=None):
     shared, tokenizer_origin = None, None
     if not (args.nar and args.ar) or args.tokenizer:  # random models share one vocabulary
         shared, tokenizer_origin = load_or_train_tokenizer(
-            args.tokenizer, [MULTI30K / "train.de", MULTI30K / "train.en"], args.vocab_size,
-            max_sentences=4000 if args.quick else 2_000_000, save_directory=args.save_tokenizer)
+            args.tokenizer, files=[MULTI30K / "train.de", MULTI30K / "train.en"], vocab_size=args.vocab_size,
+            max_sentences=4000 if args.quick else 2_000_000, num_threads=1, save_directory=args.save_tokenizer)
     tokenizers = {"nar": model_tokenizer(args.nar, shared), "ar": model_tokenizer(args.ar, shared)}
     sizes = QUICK_SIZES if args.quick else BASE_SIZES
     nar, ar = build_nar(args, sizes, len(tokenizers["nar"])), build_ar(args, sizes, tokenizers["ar"])

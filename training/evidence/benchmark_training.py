@@ -24,8 +24,8 @@ what the export keeps (the training model minus `weak_ar.*`: exactly a plain CTC
 does): `--weak_ar_on_encoder` reproduces that.
 
 Examples:
-    python training/benchmark_training.py                  # base size, CPU, 2k-token batches
-    python training/benchmark_training.py --quick --json out.json
+    python training/evidence/benchmark_training.py                  # base size, CPU, 2k-token batches
+    python training/evidence/benchmark_training.py --quick --json out.json
 """
 
 import argparse
@@ -42,11 +42,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from analyze import read_lines
-from benchmark_speed import cpu_model, load_or_train_tokenizer
 from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration
+from training.data import load_or_train_tokenizer
+from training.evidence import MULTI30K
+from training.evidence.analyze import read_lines
+from training.evidence.benchmark_speed import cpu_model
 
-MULTI30K = Path(__file__).resolve().parent / "data" / "multi30k"
 BASE_SIZES = dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
                   decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048)
 QUICK_SIZES = dict(d_model=64, encoder_layers=2, decoder_layers=4, encoder_attention_heads=4,
@@ -59,7 +60,7 @@ VARIANTS = {
     "sampling": (dict(weak_ar_share_parameters=False, weak_ar_layer_sample_ratio=0.5), "sampling only", 20.3, 83.8),
     "both": (dict(weak_ar_share_parameters=True, weak_ar_layer_sample_ratio=0.5), "both (default)", 19.4, 55.3),
 }
-TARGET_BOTH_RATIO = 1.10  # the issue's target for "both" against plain CTC (paper: 19.4h / 17.3h = 1.12)
+TARGET_BOTH_RATIO = 1.10  # the project's target for "both" against plain CTC (paper: 19.4h / 17.3h = 1.12)
 
 
 def parse_args(argv=None):
@@ -98,7 +99,8 @@ def parse_args(argv=None):
 def training_batches(args, count: int):
     """`count` batches of real pairs, packed to `--max_tokens` (sentences x longest side), from a seeded shuffle."""
     sources, targets = read_lines(args.source), read_lines(args.target)
-    tokenizer, origin = load_or_train_tokenizer(args.tokenizer, [args.source, args.target], args.vocab_size,
+    tokenizer, origin = load_or_train_tokenizer(args.tokenizer, files=[args.source, args.target],
+                                                vocab_size=args.vocab_size, num_threads=1,
                                                 max_sentences=4000 if args.quick else 2_000_000)
     order = torch.randperm(len(sources), generator=torch.Generator().manual_seed(args.seed)).tolist()
     batches, pairs, longest = [], [], 0
@@ -219,9 +221,9 @@ def cpu_memory(args, batches, vocab_size) -> dict:
         while pending or running:
             while pending and len(running) < args.memory_jobs:
                 name = pending.pop(0)
-                command = [sys.executable, __file__, "--memory_child", f"{name}:{batches_file}",
-                           "--memory_steps", str(args.memory_steps), "--threads", str(args.threads),
-                           "--dropout", str(args.dropout), "--seed", str(args.seed)]
+                command = [sys.executable, "-m", "training.evidence.benchmark_training",
+                           "--memory_child", f"{name}:{batches_file}", "--memory_steps", str(args.memory_steps),
+                           "--threads", str(args.threads), "--dropout", str(args.dropout), "--seed", str(args.seed)]
                 command += ["--quick"] * args.quick + ["--weak_ar_on_encoder"] * args.weak_ar_on_encoder
                 running[name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             name = next(iter(running))
@@ -312,6 +314,7 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report
+
 
 if __name__ == "__main__":
     main()

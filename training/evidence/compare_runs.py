@@ -1,6 +1,6 @@
 """Compare training runs side by side: validation BLEU over steps and training speed.
 
-    python training/compare_runs.py "plain CTC=runs/m30k_ctc" "CTC + weak AR=runs/m30k_weakar" \
+    python training/evidence/compare_runs.py "plain CTC=runs/m30k_ctc" "CTC + weak AR=runs/m30k_weakar" \
         --plot docs/results/multi30k_validation_bleu.png --json docs/results/multi30k_runs.json
 
 Each run is `LABEL=RUN_DIR` (or just RUN_DIR). Everything comes from the run's own `metrics.jsonl`: the validation
@@ -14,7 +14,9 @@ import json
 import statistics
 from pathlib import Path
 
-from records import plt, read_records
+from matplotlib.figure import Figure
+
+from training.records import read_records
 
 
 def summarize_run(run_dir: Path) -> dict:
@@ -51,7 +53,8 @@ def _number(value, digits: int = 2) -> str:
 
 
 def plot_validation_bleu(summaries: dict[str, dict], image_path: Path) -> Path:
-    figure, axis = plt.subplots(figsize=(6.4, 4))
+    figure = Figure(figsize=(6.4, 4))
+    axis = figure.subplots()
     for label, s in summaries.items():
         points = sorted(s["validation_bleu"].items())
         if points:
@@ -63,7 +66,6 @@ def plot_validation_bleu(summaries: dict[str, dict], image_path: Path) -> Path:
     figure.tight_layout()
     Path(image_path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(image_path, dpi=110)
-    plt.close(figure)
     return Path(image_path)
 
 
