@@ -14,6 +14,7 @@ from transformers.configuration_utils import PreTrainedConfig
 UPSAMPLE_METHODS = ("linear", "repeat")
 WEAK_AR_LOSS_REDUCTIONS = ("mean", "sum")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh")
+INIT_SCHEMES = ("transformers", "fairseq")
 
 
 @strict
@@ -22,7 +23,11 @@ class WeakNATConfig(PreTrainedConfig):
     Sizes (Transformer base by default, post-LN like the paper's fairseq setup):
         vocab_size, d_model, encoder_layers, decoder_layers, encoder_attention_heads, decoder_attention_heads,
         encoder_ffn_dim, decoder_ffn_dim, activation_function, dropout, attention_dropout, activation_dropout,
-        normalize_before (pre-LN when True), scale_embedding (multiply embeddings by sqrt(d_model)), init_std.
+        normalize_before (pre-LN when True), scale_embedding (multiply embeddings by sqrt(d_model)).
+    init_scheme (`str`, defaults to `"transformers"`):
+        `"transformers"`: every weight N(0, `init_std`), biases 0 (transformers' default). `"fairseq"`: the authors'
+        setup (fairseq's Transformer): token and position embeddings N(0, d_model^-1/2), linear layers Xavier-uniform
+        (query/key/value projections with gain 2^-1/2), biases 0. LayerNorms start at (1, 0) in both.
     max_position_embeddings (`int`, defaults to 512):
         Longest source, in tokens. The decoder has `upsample_ratio * max_position_embeddings` frame positions and
         the weak AR decoders as many target positions (a CTC target never has more tokens than frames).
@@ -49,6 +54,12 @@ class WeakNATConfig(PreTrainedConfig):
         The paper's lambda: `loss = lambda * ctc_loss + (1 - lambda) * ar_loss`.
     label_smoothing (`float`, defaults to 0.1):
         Label smoothing of the weak AR decoders' cross-entropy.
+    weak_ar_warmup_steps (`int`, defaults to 0):
+        Warm-in, beyond the paper: over the first N optimizer steps the NAR loss weight ramps linearly from 1 (no
+        weak AR loss) down to `nar_loss_weight`, so the partners join once the NAR states carry something. 0 = off.
+    weak_ar_detach_embedding (`bool`, defaults to `False`):
+        Beyond the paper: the partners use the shared embedding (input and output projection) without sending it
+        gradient, so their only way to shape the NAR model is through the layer states they read.
     glancing (`bool`, defaults to `False`), glancing_start_ratio (0.5), glancing_end_ratio (0.3), glancing_anneal_steps (300000):
         Glancing training with CTC (GLAT on the best CTC alignment); the ratio anneals linearly from start to end
         over `glancing_anneal_steps` optimizer steps, read from the `training_step` passed to `forward`.
@@ -83,6 +94,7 @@ class WeakNATConfig(PreTrainedConfig):
     normalize_before: bool = False
     scale_embedding: bool = True
     init_std: float = 0.02
+    init_scheme: str = "transformers"
     is_encoder_decoder: bool = True
 
     # CTC
@@ -104,6 +116,8 @@ class WeakNATConfig(PreTrainedConfig):
     weak_ar_loss_reduction: str = "mean"
     nar_loss_weight: float | int = 0.5
     label_smoothing: float | int = 0.1
+    weak_ar_warmup_steps: int = 0
+    weak_ar_detach_embedding: bool = False
 
     # Glancing training
     glancing: bool = False
@@ -137,10 +151,12 @@ class WeakNATConfig(PreTrainedConfig):
             raise ValueError(
                 f"WeakNATConfig.weak_ar_layer_sample_ratio must be in (0, 1], got {self.weak_ar_layer_sample_ratio}"
             )
+        if self.weak_ar_warmup_steps < 0:
+            raise ValueError(f"WeakNATConfig.weak_ar_warmup_steps must be >= 0 (0 = off), got {self.weak_ar_warmup_steps}")
         if self.weak_ar_layers < 0:
             raise ValueError(f"WeakNATConfig.weak_ar_layers must be >= 0 (0 = plain CTC), got {self.weak_ar_layers}")
         choices = (("upsample_method", UPSAMPLE_METHODS), ("weak_ar_loss_reduction", WEAK_AR_LOSS_REDUCTIONS),
-                   ("activation_function", ACTIVATIONS))
+                   ("activation_function", ACTIVATIONS), ("init_scheme", INIT_SCHEMES))
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"WeakNATConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -165,6 +181,15 @@ class WeakNATConfig(PreTrainedConfig):
     def num_weak_ar_partners(self) -> int:
         """How many NAR decoder layers get their weak AR partner in one training step."""
         return max(1, math.ceil(self.weak_ar_layer_sample_ratio * self.decoder_layers))
+
+    def nar_loss_weight_at(self, training_step: int | None) -> float:
+        """The paper's lambda at an optimizer step: `nar_loss_weight`, after the warm-in ramp from 1 when one is set.
+
+        Without a step (`training_step=None`, e.g. a caller that does not pass it) the ramp is over."""
+        if not self.weak_ar_warmup_steps or training_step is None:
+            return self.nar_loss_weight
+        progress = min(max(training_step, 0) / self.weak_ar_warmup_steps, 1.0)
+        return 1.0 - (1.0 - self.nar_loss_weight) * progress
 
     def glancing_ratio(self, training_step: int | None) -> float:
         """The glancing ratio at an optimizer step: linear from start to end over `glancing_anneal_steps`."""

@@ -1,4 +1,4 @@
-"""CTC in pure torch: the fit rule, the loss, greedy decoding, Viterbi alignment and prefix beam search.
+"""CTC in pure torch: the fit rule, the loss, greedy decoding, sampling, Viterbi alignment and prefix beam search.
 
 Shapes use the names batch, frames (decoder output positions), vocab and
 tgt_len. This file is shipped as Hugging Face remote code next to the model,
@@ -81,6 +81,22 @@ def ctc_greedy_decode(logits, frame_mask, blank_id, pad_id):
     Returns (batch, out_len) long, right-padded with pad_id.
     """
     return collapse_repeats_and_blanks(logits.argmax(dim=-1), frame_mask, blank_id, pad_id)
+
+
+def ctc_sample_decode(logits, frame_mask, blank_id, pad_id, generator=None):
+    """Sampling: draw every valid frame's label from softmax(logits) independently, then collapse.
+
+    CTC frames are conditionally independent given the source, so the drawn labelling is an exact sample of an
+    alignment and its collapse an exact sample of the model's output distribution (no beam, no approximation).
+    logits: (batch, frames, vocab), already warped (temperature, top-k... as -inf); frame_mask: (batch, frames) bool.
+    The draws use torch's global RNG (`torch.manual_seed`) or `generator`. Returns (batch, out_len) long, right-padded.
+    """
+    valid = frame_mask.bool()
+    frame_ids = torch.full(valid.shape, blank_id, dtype=torch.long, device=logits.device)
+    if valid.any():
+        probs = F.softmax(logits[valid].float(), dim=-1)  # (valid frames, vocab)
+        frame_ids[valid] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return collapse_repeats_and_blanks(frame_ids, valid, blank_id, pad_id)
 
 
 def _shift_right(x, k):

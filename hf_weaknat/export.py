@@ -16,8 +16,8 @@ from .modeling_weaknat import WeakNATForConditionalGeneration
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Everything modeling_weaknat.py imports, with the pipeline. weak_ar.py and glancing.py only run in training, but the
 # modeling file imports them, and shipping them keeps an export's code identical to the package's.
-REMOTE_CODE_FILES = ("configuration_weaknat.py", "modeling_weaknat.py", "ctc.py", "weak_ar.py", "glancing.py",
-                     "pipeline_weaknat.py")
+REMOTE_CODE_FILES = ("configuration_weaknat.py", "modeling_weaknat.py", "ctc.py", "generation.py", "weak_ar.py",
+                     "glancing.py", "pipeline_weaknat.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_weaknat.WeakNATConfig",
     "AutoModel": "modeling_weaknat.WeakNATModel",
@@ -46,6 +46,8 @@ def strip_weak_decoders(model: WeakNATForConditionalGeneration) -> WeakNATForCon
     nar_state = {k: v for k, v in model.state_dict().items() if not k.startswith("weak_ar.")}
     exported = WeakNATForConditionalGeneration(inference_config(model.config)).to(model.dtype)
     exported.load_state_dict(nar_state, strict=True)  # strict: the export has exactly the NAR parameters
+    if getattr(model, "generation_config", None) is not None:  # the caller's generate() defaults travel with it
+        exported.generation_config = copy.deepcopy(model.generation_config)  # saved as generation_config.json
     return exported.eval()
 
 
@@ -53,8 +55,9 @@ def export_for_hub(model: WeakNATForConditionalGeneration, save_directory, token
                    max_shard_size="2GB") -> Path:
     """Write the inference checkpoint to `save_directory` and return its path.
 
-    Holds: config.json (AR off, auto_map, custom_pipelines), model.safetensors (no `weak_ar.*` keys), the remote code
-    files, and the tokenizer when given.
+    Holds: config.json (AR off, auto_map, custom_pipelines), generation_config.json (the model's `generation_config`:
+    `generate()` defaults), model.safetensors (no `weak_ar.*` keys), the remote code files, and the tokenizer when
+    given.
     """
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, ModelOutput, Seq2SeqModelOutput
@@ -22,7 +24,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import can_return_tuple, logging
 
 from .configuration_weaknat import WeakNATConfig
-from .ctc import ctc_greedy_decode, ctc_loss, ctc_prefix_beam_search
+from .ctc import ctc_greedy_decode, ctc_loss, ctc_prefix_beam_search, ctc_sample_decode
+from .generation import finish_generation, prepare_generation, process_scores, warp_for_sampling
 from .glancing import glancing_frame_inputs
 from .weak_ar import WeakARDecoders, multitask_loss
 
@@ -53,6 +56,8 @@ class WeakNATAttention(nn.Module):
         self.dropout = config.attention_dropout
         d = config.d_model
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        for projection in (self.q_proj, self.k_proj, self.v_proj):
+            projection.xavier_gain = 2**-0.5  # fairseq's MultiheadAttention, used by `init_scheme="fairseq"`
 
     def forward(self, hidden_states, key_value_states=None, attention_mask=None, **kwargs):
         kv = hidden_states if key_value_states is None else key_value_states
@@ -245,6 +250,23 @@ class WeakNATPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["WeakNATEncoderLayer", "WeakNATDecoderLayer"]
     _input_embed_layer = "shared"  # transformers' get/set_input_embeddings then find `shared` and `model.shared`
 
+    def _init_weights(self, module):
+        """transformers' default (N(0, init_std)), or with `init_scheme="fairseq"` the authors' fairseq scheme:
+        embeddings N(0, d_model^-1/2) (padding row 0), linear layers Xavier-uniform (gain `xavier_gain`, 2^-1/2 for
+        query/key/value), biases 0."""
+        if self.config.init_scheme != "fairseq":
+            return super()._init_weights(module)
+        if isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight, gain=getattr(module, "xavier_gain", 1.0))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=self.config.d_model**-0.5)
+            if module.padding_idx is not None:
+                init.zeros_(module.weight[module.padding_idx])
+        else:
+            super()._init_weights(module)  # LayerNorms: weight 1, bias 0
+
     def output_flags(self, output_attentions=None, output_hidden_states=None) -> tuple[bool, bool]:
         """The `output_*` arguments with the config's defaults filled in."""
         cfg = self.config
@@ -356,14 +378,18 @@ class WeakNATOutput(ModelOutput):
     num_unfit_pairs: torch.LongTensor | None = None
 
 
-class WeakNATForConditionalGeneration(WeakNATPreTrainedModel):
+class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
     """The translator: WeakNATModel + CTC head, plus the weak AR decoders while `config.weak_ar_layers > 0`.
 
-    `forward(input_ids, attention_mask, labels, training_step)` trains; `generate(input_ids, attention_mask)`
-    translates in one forward pass (CTC greedy, or prefix beam search with `num_beams > 1`).
+    `forward(input_ids, attention_mask, labels, training_step)` trains; `generate(input_ids, attention_mask, ...)`
+    translates in one forward pass (CTC greedy, prefix beam search with `num_beams > 1`, or sampling with
+    `do_sample=True`), with transformers' `GenerationConfig` and keyword arguments (`generation.py`).
     """
 
     _tied_weights_keys = {"ctc_head.weight": "model.shared.weight"}
+    # The loss is a mean over pairs, not a sum to be divided by the Trainer's `num_items_in_batch`: without this,
+    # transformers' Trainer would see `**kwargs` in `forward` and skip its gradient-accumulation scaling
+    accepts_loss_kwargs = False
 
     def __init__(self, config: WeakNATConfig):
         super().__init__(config)
@@ -372,6 +398,7 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel):
         # a weak AR decoder reads at most as many target positions as there are frames (CTC: tgt_len <= frames)
         self.weak_ar = WeakARDecoders(config, WeakNATDecoderLayer, config.max_frames) if config.uses_weak_ar else None
         self.post_init()
+        self.generation_defaults()
 
     def get_output_embeddings(self):
         return self.ctc_head
@@ -390,7 +417,10 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel):
         input_ids (`torch.LongTensor` of shape `(batch, src_len)`): source tokens, right-padded.
         attention_mask (`torch.LongTensor` of shape `(batch, src_len)`): 1 for tokens, 0 for padding.
         labels (`torch.LongTensor` of shape `(batch, tgt_len)`): target tokens, right-padded with -100 (or pad).
-        training_step (`int`, optional): the optimizer step, which drives the glancing ratio schedule.
+        training_step (`int`, optional): the optimizer step, which drives the glancing ratio schedule (and the weak AR
+            warm-in, `weak_ar_warmup_steps`). Callers that do not pass it (transformers' Trainer / Seq2SeqTrainer)
+            train with the glancing ratio of step 0, `glancing_start_ratio`, throughout (a warning says so once) and
+            without the warm-in (`nar_loss_weight` from the start); `training/train.py` passes it.
         """
         output_attentions, output_hidden_states = self.output_flags(output_attentions, output_hidden_states)
         labels = self.check_labels(labels) if labels is not None else None
@@ -401,17 +431,35 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel):
         frames, frame_mask = self.model.upsampler(encoder_states, source_mask)  # (batch, frames, d)
         if training and self.config.glancing:
             frames = self.glance(frames, frame_mask, encoder_states, source_mask, labels, training_step)
+        nar_weight = self.config.nar_loss_weight_at(training_step)
+        warming_in = self.config.weak_ar_warmup_steps > 0 and nar_weight >= 1.0  # a warm-in starts without partners
+        partners_train = training and self.weak_ar is not None and not warming_in
         decoded = self.model.decoder(frames, frame_mask, encoder_states, source_mask, output_attentions,
-                                     output_hidden_states, return_layer_states=training and self.weak_ar is not None)
+                                     output_hidden_states, return_layer_states=partners_train)
         logits = self.ctc_head(decoded.last_hidden_state)  # (batch, frames, vocab)
-        terms = (self.loss_terms(logits, frame_mask, labels, decoded.layer_states, encoder_states, source_mask)
-                 if labels is not None else {})
+        terms = (self.loss_terms(logits, frame_mask, labels, decoded.layer_states, encoder_states, source_mask,
+                                 nar_weight) if labels is not None else {})
         return WeakNATOutput(
             logits=logits, decoder_hidden_states=decoded.hidden_states, decoder_attentions=decoded.attentions,
             cross_attentions=decoded.cross_attentions, encoder_last_hidden_state=encoder_states,
             encoder_hidden_states=encoder_outputs.hidden_states, encoder_attentions=encoder_outputs.attentions,
             frame_mask=frame_mask if labels is not None else None, **terms,
         )
+
+    @torch.no_grad()
+    def weak_ar_dependence(self, input_ids, attention_mask, labels) -> dict:
+        """The partner-dependence diagnostic (`WeakARDecoders.dependence`) on one batch, without dropout or glancing:
+        per NAR layer, its partner's summed token loss reading its own sentence's states vs another sentence's."""
+        was_training = self.training
+        self.eval()
+        labels = self.check_labels(labels)
+        encoder_outputs, source_mask = self.model.encode(input_ids, attention_mask)
+        encoder_states = encoder_outputs.last_hidden_state
+        frames, frame_mask = self.model.upsampler(encoder_states, source_mask)
+        decoded = self.model.decoder(frames, frame_mask, encoder_states, source_mask, return_layer_states=True)
+        result = self.weak_ar.dependence(labels, decoded.layer_states, frame_mask, self.model.shared)
+        self.train(was_training)
+        return result
 
     def check_labels(self, labels):
         """Map pad to -100, and reject left padding, blanks and targets longer than the weak AR positions."""
@@ -427,10 +475,16 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel):
         """Glancing (`glancing.py`): a no-grad pass predicts, then some frames get their aligned reference token."""
         with torch.no_grad():
             guess = self.ctc_head(self.model.decoder(frames, frame_mask, encoder_states, source_mask).last_hidden_state)
+        if training_step is None:
+            logger.warning_once(
+                f"Glancing without `training_step` (transformers' Trainer does not pass it): the glancing ratio stays "
+                f"at glancing_start_ratio={self.config.glancing_start_ratio} instead of annealing to "
+                f"{self.config.glancing_end_ratio}. Pass forward(..., training_step=step) to follow the schedule.")
         return glancing_frame_inputs(frames, frame_mask, guess, labels, self.config.glancing_ratio(training_step),
                                      self.config.blank_token_id, self.model.shared)
 
-    def loss_terms(self, logits, frame_mask, labels, layer_states, encoder_states, source_mask) -> dict:
+    def loss_terms(self, logits, frame_mask, labels, layer_states, encoder_states, source_mask,
+                   nar_weight: float) -> dict:
         """The named training losses: `ctc_loss`, `ar_loss` (when `layer_states` are given) and their `loss`.
 
         layer_states: the NAR decoder layers' outputs, which the weak AR decoders read (`weak_ar.py`).
@@ -441,37 +495,93 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel):
         if layer_states is not None:
             memories = self.weak_ar.memories(layer_states, frame_mask, encoder_states, source_mask)
             terms["ar_loss"] = self.weak_ar.loss(labels, memories, self.model.shared)
-            terms["loss"] = multitask_loss(ctc, terms["ar_loss"], cfg.nar_loss_weight)
+            terms["loss"] = multitask_loss(ctc, terms["ar_loss"], nar_weight)
         return terms
 
-    @torch.inference_mode()
-    def generate(self, input_ids=None, attention_mask=None, num_beams: int = 1, num_return_sequences: int = 1,
-                 beam_token_candidates: int | None = None, inputs_embeds=None) -> torch.LongTensor:
-        """Translate in one forward pass. Returns right-padded target ids, shape `(batch * num_return_sequences, len)`.
+    def adjust_generation_fn(self, *args, **kwargs):
+        """After `from_pretrained` loads `generation_config.json` (or, for exports made before it was saved, builds a
+        generation config from `config.json`), fill in this model's defaults where unset (`generation_defaults`)."""
+        super().adjust_generation_fn(*args, **kwargs)
+        self.generation_defaults()
 
-        Greedy (num_beams=1): per-frame argmax on the valid frames, collapse repeats, drop blanks.
-        num_beams > 1: CTC prefix beam search (no language model); `beam_token_candidates` limits the tokens tried
-        per frame (default: 2 * num_beams). Rows whose source has no real token (an empty sentence is just `</s>`)
-        translate to an empty sequence.
+    def generation_defaults(self):
+        """`max_length` = `config.max_frames` where unset: CTC emits at most one token per frame, so this bound never
+        truncates, and transformers' model-agnostic default of 20 (which Seq2SeqTrainer writes into an unset
+        `generation_config.max_length`) never applies. Marked as the model's own generation config (not one derived
+        from config.json), so custom entries such as `beam_token_candidates` survive a save and load."""
+        if self.generation_config is None:
+            return
+        if self.generation_config.max_length is None:
+            self.generation_config.max_length = self.config.max_frames
+        self.generation_config._from_model_config = False
+
+    @torch.no_grad()
+    def generate(self, inputs=None, generation_config=None, synced_gpus=None, beam_token_candidates=None, **kwargs):
+        r"""Translate in one forward pass, then CTC decoding; transformers' `generate` arguments and return types.
+
+        inputs / input_ids (`torch.LongTensor` of shape `(batch, src_len)`): right-padded source tokens, with
+            `attention_mask`; or `inputs_embeds`. Made by `tokenizer(texts, padding=True, return_tensors="pt")`.
+        generation_config (`GenerationConfig`, optional): overrides `self.generation_config` (saved with every export
+            as `generation_config.json`); keyword arguments override both, as in transformers.
+        beam_token_candidates (`int`, optional): beam search tries the best N non-blank tokens per frame (default
+            `2 * num_beams`); also read from a `generation_config` entry of that name.
+
+        Decoding: `num_beams=1` takes each valid frame's argmax, collapses repeats and drops blanks (greedy);
+        `num_beams > 1` runs CTC prefix beam search; `do_sample=True` draws each frame from its (temperature / top-k /
+        top-p / ... warped) distribution with torch's RNG, then collapses. `suppress_tokens` and one-token
+        `bad_words_ids` are masked in every frame first. A one-pass model does not stop early: the output length
+        comes from the frames, and `max_length` / `max_new_tokens` only truncate it (the output holds no decoder start
+        token, so both bound the same count). `min_length` / `min_new_tokens` rank shorter beam hypotheses last.
+        Arguments that act on the steps of an autoregressive decoder (`prefix_allowed_tokens_fn`, `assistant_model`,
+        `streamer`, `decoder_input_ids`, `repetition_penalty`, ...) raise a ValueError saying why; unknown arguments
+        raise transformers' own ValueError. Every argument is in README.md ("Generation arguments").
+        Rows whose source has no real token (an empty sentence is just `</s>`) translate to an empty sequence; an
+        empty batch or a zero-length source gives an empty result without running the model.
+
+        Returns: `torch.LongTensor` (batch * num_return_sequences, out_len), right-padded with `pad_token_id`; with
+        `return_dict_in_generate=True` a `GenerateEncoderDecoderOutput` (greedy, sampling) or
+        `GenerateBeamEncoderDecoderOutput` (beam search; with `output_scores`, `sequences_scores` = each hypothesis's
+        CTC prefix log-probability, best first). `scores` / `logits`: one `(batch, vocab)` tensor per frame (what the
+        decoder read / raw logits; frames past `frame_mask(attention_mask)` are padding). Attentions and hidden
+        states: the single pass's, as one "step".
         """
-        if num_beams < 1 or not 1 <= num_return_sequences <= num_beams:
-            raise ValueError(f"Need num_beams >= 1 and 1 <= num_return_sequences <= num_beams, got {num_beams}, "
-                             f"{num_return_sequences}")
+        request = prepare_generation(self, inputs, generation_config, kwargs)
         cfg = self.config
-        encoder_outputs, source_mask = self.model.encode(input_ids, attention_mask, inputs_embeds)
-        hidden = self.model(attention_mask=source_mask, encoder_outputs=encoder_outputs).last_hidden_state
-        logits = self.ctc_head(hidden)  # (batch, frames, vocab); padded frames are masked out below
+        if cfg.blank_token_id in request.suppressed_token_ids:
+            raise ValueError(f"The CTC blank (id {cfg.blank_token_id}) cannot be suppressed: every CTC output needs it")
+        if request.is_empty:
+            device = (request.input_ids if request.input_ids is not None else request.inputs_embeds).device
+            return finish_generation(request, *request.empty_hypotheses(device))
+        input_ids = request.input_ids
+        encoder_outputs, source_mask = self.model.encode(input_ids, request.attention_mask, request.inputs_embeds,
+                                                         request.output_attentions, request.output_hidden_states)
+        outputs = self.model(attention_mask=source_mask, encoder_outputs=encoder_outputs,
+                             output_attentions=request.output_attentions,
+                             output_hidden_states=request.output_hidden_states)
+        logits = self.ctc_head(outputs.last_hidden_state)  # (batch, frames, vocab); padded frames are masked out below
         frame_mask = self.frame_mask(source_mask)
         if input_ids is not None:  # an empty sentence has no content token: define its translation as empty
             special = [t for t in (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) if t is not None]
             content = source_mask.bool() & ~torch.isin(input_ids, input_ids.new_tensor(special))
             frame_mask = frame_mask & content.any(1, keepdim=True)
-        if num_beams == 1:
-            return ctc_greedy_decode(logits, frame_mask, cfg.blank_token_id, cfg.pad_token_id)
-        sequences, _ = ctc_prefix_beam_search(F.log_softmax(logits.float(), -1), frame_mask.sum(1),
-                                              cfg.blank_token_id, cfg.pad_token_id, num_beams,
-                                              beam_token_candidates or 2 * num_beams)
-        return sequences[:, :num_return_sequences].flatten(0, 1)
+        frame_scores = process_scores(request, logits)
+        blank, pad, scores = cfg.blank_token_id, request.pad_token_id, None
+        if request.mode == "greedy":
+            hypotheses = ctc_greedy_decode(frame_scores, frame_mask, blank, pad)[:, None]
+        elif request.mode == "sample":
+            frame_scores = warp_for_sampling(request, frame_scores)
+            n = request.num_return_sequences
+            samples = ctc_sample_decode(frame_scores.repeat_interleave(n, 0), frame_mask.repeat_interleave(n, 0),
+                                        blank, pad)
+            hypotheses = samples.view(request.batch_size, n, samples.shape[1])
+        else:
+            frame_scores = F.log_softmax(frame_scores.float(), -1)
+            candidates = (beam_token_candidates or getattr(request.config, "beam_token_candidates", None)
+                          or 2 * request.num_beams)
+            hypotheses, scores = ctc_prefix_beam_search(frame_scores, frame_mask.sum(1), blank, pad,
+                                                        request.num_beams, candidates)
+        return finish_generation(request, hypotheses, scores, scores=frame_scores, logits=logits,
+                                 encoder_outputs=encoder_outputs, decoder_outputs=outputs)
 
 
 __all__ = ["WeakNATPreTrainedModel", "WeakNATModel", "WeakNATForConditionalGeneration", "WeakNATOutput"]

@@ -47,10 +47,14 @@ class WeakARDecoder(nn.Module):
     def forward(self, decoder_input_ids, target_mask, memory, memory_mask, embed_tokens):
         """decoder_input_ids (batch, tgt_len); memory (batch, mem_len, d) -> logits (batch, tgt_len, vocab).
 
-        The input and output projections are the model's shared `embed_tokens`: a partner adds no vocabulary weights.
+        The input and output projections are the model's shared `embed_tokens` (an embedding, scaled by its
+        `embed_scale` if it has one): a partner adds no vocabulary weights. With `config.weak_ar_detach_embedding` it
+        reads that embedding without sending it gradient.
         """
+        weight = embed_tokens.weight.detach() if self.config.weak_ar_detach_embedding else embed_tokens.weight
         positions = torch.arange(decoder_input_ids.shape[1], device=decoder_input_ids.device)
-        hidden = embed_tokens(decoder_input_ids) + self.embed_positions(positions)
+        scale = getattr(embed_tokens, "embed_scale", 1.0)
+        hidden = F.embedding(decoder_input_ids, weight, embed_tokens.padding_idx) * scale + self.embed_positions(positions)
         hidden = F.dropout(hidden, self.config.dropout, self.training)
         self_mask = create_causal_mask(self.config, hidden, target_mask, None)  # no cache: teacher forcing
         cross_mask = create_bidirectional_mask(self.config, hidden, memory_mask, encoder_hidden_states=memory)
@@ -58,7 +62,7 @@ class WeakARDecoder(nn.Module):
             hidden = layer(hidden, memory, self_mask, cross_mask)[0]
         if self.final_layer_norm is not None:
             hidden = self.final_layer_norm(hidden)
-        return F.linear(hidden, embed_tokens.weight)
+        return F.linear(hidden, weight)
 
 
 def sample_weak_ar_layers(num_layers: int, num_partners: int) -> list[int]:
@@ -101,6 +105,35 @@ class WeakARDecoders(nn.Module):
             memories.append(Memory(num_layers, encoder_states, encoder_mask.bool()))
         return memories
 
+    def token_losses(self, labels, memories: list[Memory], embed_tokens, label_smoothing: float = 0.0):
+        """Per-partner cross-entropy summed over target tokens, and the token count: -> ((num memories,), count).
+
+        For measuring, not training: the decoders of the memories run one by one."""
+        inputs, target_mask = shift_tokens_right(labels, self.config.bos_token_id, self.config.pad_token_id), labels != -100
+        sums = []
+        for memory in memories:
+            logits = self.decoder_for(memory.partner)(inputs, target_mask, memory.states, memory.mask, embed_tokens)
+            sums.append(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                        label_smoothing=label_smoothing, reduction="sum"))
+        return torch.stack(sums), target_mask.sum()
+
+    def dependence(self, labels, layer_states, layer_mask, embed_tokens) -> dict:
+        """How much each partner relies on what its NAR layer says about *this* sentence (a diagnostic).
+
+        Every NAR layer's partner is scored twice on the same targets: reading its own sentence's layer states, and
+        reading another sentence's (the batch rolled by one, with that sentence's mask). `other - own`, in nats per
+        token, is near 0 when a partner ignores the NAR states (a plain language model) and grows as it leans on
+        them, which is the paper's mechanism. Returns sums over target tokens (`own`, `other`: (layers,)) and
+        `tokens`, so that batches add up. Needs a batch of at least two sentences.
+        """
+        if labels.shape[0] < 2:
+            raise ValueError("the partner-dependence diagnostic needs at least two sentences per batch")
+        own = [Memory(i, states, layer_mask.bool()) for i, states in enumerate(layer_states)]
+        other = [Memory(m.partner, m.states.roll(1, 0), m.mask.roll(1, 0)) for m in own]
+        own_sums, tokens = self.token_losses(labels, own, embed_tokens)
+        other_sums, _ = self.token_losses(labels, other, embed_tokens)
+        return {"own": own_sums, "other": other_sums, "tokens": tokens}
+
     def loss(self, labels, memories: list[Memory], embed_tokens):
         """Label-smoothed cross-entropy of each partner, combined by `config.weak_ar_loss_reduction`.
 
@@ -127,7 +160,8 @@ class WeakARDecoders(nn.Module):
 
 
 def multitask_loss(nar_loss, ar_loss, nar_loss_weight: float):
-    """The paper's training objective: `lambda * L_NAR + (1 - lambda) * L_AR`."""
+    """The paper's training objective: `lambda * L_NAR + (1 - lambda) * L_AR` (lambda:
+    `config.nar_loss_weight_at(step)`, which is `nar_loss_weight` unless a warm-in ramps it down from 1)."""
     return nar_loss_weight * nar_loss + (1 - nar_loss_weight) * ar_loss
 
 

@@ -3,6 +3,8 @@
 The weak AR decoders (the paper's contribution) have their own file, test_weak_ar.py.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -269,3 +271,30 @@ def test_sdpa_and_eager_attention_agree():
     sdpa.load_state_dict(eager.state_dict())
     batch = batch_of(SOURCES, TARGETS)
     torch.testing.assert_close(eager(**batch).logits, sdpa(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_fairseq_initialisation_has_the_statistics_it_promises():
+    """`init_scheme="fairseq"`: embeddings N(0, d^-1/2) with a zero padding row, Xavier-uniform linear layers
+    (query/key/value with gain 2^-1/2), zero biases, LayerNorms (1, 0); the default keeps N(0, init_std)."""
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=2000, d_model=64, decoder_layers=2, init_scheme="fairseq")
+    model = WeakNATForConditionalGeneration(config)
+    embedding = model.model.shared.weight
+    assert abs(embedding[1:].std().item() - 64**-0.5) < 0.01 and embedding[config.pad_token_id].abs().sum() == 0
+
+    def xavier_std(linear, gain=1.0):
+        fan_out, fan_in = linear.weight.shape
+        return gain * math.sqrt(2.0 / (fan_in + fan_out))
+
+    attention = model.model.decoder.layers[0].self_attn.sublayer
+    for linear, gain in ((attention.q_proj, 2**-0.5), (attention.out_proj, 1.0),
+                         (model.model.decoder.layers[0].ffn.sublayer.fc1, 1.0), (model.model.upsampler.proj, 1.0),
+                         (model.weak_ar.decoders[0].layers[0].cross_attn.sublayer.k_proj, 2**-0.5)):
+        expected = xavier_std(linear, gain)
+        assert abs(linear.weight.std().item() - expected) < 0.1 * expected
+        assert linear.weight.abs().max() <= math.sqrt(3) * expected + 1e-6  # uniform on [-a, a], a = sqrt(3) std
+        assert linear.bias.abs().sum() == 0
+    norm = model.model.decoder.layers[0].ffn.layer_norm
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and norm.bias.abs().sum() == 0
+    default = WeakNATForConditionalGeneration(tiny_config(vocab_size=2000, d_model=64, decoder_layers=2))
+    assert abs(default.model.shared.weight[1:].std().item() - 0.02) < 0.002

@@ -1,7 +1,8 @@
 """Pipeline-style translation: the v4 translation contract on transformers 5.x, and bad input row by row."""
 
 import pytest
-from transformers import pipeline
+import torch
+from transformers import GenerationConfig, pipeline
 
 from hf_weaknat import WeakNATTranslationPipeline
 
@@ -55,6 +56,48 @@ def test_non_string_input_raises_a_clear_type_error(translator, bad):
         translator(bad)
 
 
-def test_unknown_generation_argument_is_rejected(translator):
-    with pytest.raises(TypeError, match="max_new_tokens"):
-        translator("Ein Hund.", max_new_tokens=5)
+def test_generation_arguments_reach_generate_as_in_the_v4_translation_pipeline(translator, memorized):
+    _, sources, targets = memorized
+    assert translator(sources[:2], max_length=40, num_beams=2) == [{"translation_text": t} for t in targets[:2]]
+    assert translator(sources[0], generation_config=GenerationConfig(num_beams=3)) == [{"translation_text": targets[0]}]
+    assert translator(sources[0], max_new_tokens=200, early_stopping=True) == [{"translation_text": targets[0]}]
+    short = translator(sources[0], max_new_tokens=2)[0]["translation_text"]
+    assert short and len(short) < len(targets[0]) and targets[0].startswith(short.split()[0])
+    torch.manual_seed(0)
+    sampled = translator(sources[0], do_sample=True, num_return_sequences=3, temperature=1.5)
+    assert len(sampled) == 3 and all(isinstance(r["translation_text"], str) for r in sampled)
+    with_dict = translator(sources[0], return_dict_in_generate=True, output_scores=True, num_beams=2)
+    assert with_dict == [{"translation_text": targets[0]}]
+
+
+def test_generation_arguments_given_at_construction_apply_to_every_call(memorized, tokenizer):
+    model, sources, targets = memorized
+    two_best = pipeline("weaknat-translation", model=model, tokenizer=tokenizer, num_beams=4, num_return_sequences=2)
+    out = two_best(sources[0])
+    assert len(out) == 2 and out[0] == {"translation_text": targets[0]}
+
+
+@pytest.mark.parametrize("kwargs,error", [(dict(foo=5), "not used by the model: \\['foo'\\]"),
+                                          (dict(prefix_allowed_tokens_fn=print), "prefix_allowed_tokens_fn"),
+                                          (dict(repetition_penalty=1.2), "repetition_penalty")])
+def test_bad_generation_arguments_raise_generates_error_before_any_sentence_is_translated(translator, kwargs, error,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(type(translator), "preprocess", lambda *a, **k: pytest.fail("preprocessed"))
+    with pytest.raises(ValueError, match=error):
+        translator(["Ein Hund.", "Zwei Katzen."], **kwargs)
+
+
+def test_an_empty_list_translates_to_an_empty_list(translator):
+    assert translator([]) == [] and translator([], batch_size=4, num_beams=2) == []
+    with pytest.raises(ValueError, match="foo"):
+        translator([], foo=1)
+
+
+def test_a_string_no_encoding_can_hold_is_repaired_with_a_warning_naming_the_item(translator, memorized):
+    _, sources, targets = memorized
+    with pytest.warns(UserWarning, match="item 1: 1 character"):
+        out = translator([sources[0], "mann \ud800 fährt", sources[1]], batch_size=3)
+    assert out[0] == {"translation_text": targets[0]} and out[2] == {"translation_text": targets[1]}
+    assert isinstance(out[1]["translation_text"], str)
+    with pytest.warns(UserWarning, match="the input: 2 character"):
+        assert isinstance(translator("\udcff Hund \ud800")[0]["translation_text"], str)

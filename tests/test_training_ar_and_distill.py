@@ -138,6 +138,20 @@ def test_distillation_translates_every_source_with_beam_search_and_resumes_by_sh
         distill(teacher, out, "--num_beams", "3")  # other settings never mix with these shards
 
 
+def test_ctranslate2_distillation_converts_the_marian_teacher_and_agrees_with_generate(teacher_run, tmp_path):
+    """The AR baseline is in Marian's layout, so CTranslate2's own converter takes it as is; its beam search may
+    break near-ties differently, so most (not necessarily all) lines equal transformers' beam search."""
+    pytest.importorskip("ctranslate2", reason="the ctranslate2 engine is an optional extra (pip install ctranslate2)")
+    teacher = teacher_run[0] / "export"
+    distill(teacher, tmp_path / "hf")
+    log = distill(teacher, tmp_path / "ct2", "--engine", "ctranslate2")
+    assert "4 to translate" in log and (tmp_path / "ct2" / "ctranslate2_teacher" / "model.bin").is_file()
+    reference = (tmp_path / "hf" / "train.en").read_text(encoding="utf-8").splitlines()
+    fast = (tmp_path / "ct2" / "train.en").read_text(encoding="utf-8").splitlines()
+    assert len(fast) == 50 and sum(a == b for a, b in zip(reference, fast)) >= 45
+    assert json.loads((tmp_path / "ct2" / "distillation.json").read_text())["engine"] == "ctranslate2"
+
+
 def test_two_processes_share_the_shards_and_write_the_same_corpus(teacher_run, tmp_path):
     teacher = teacher_run[0] / "export"
     distill(teacher, tmp_path / "one")

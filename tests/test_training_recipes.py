@@ -20,7 +20,8 @@ NAR_RECIPES = [r for r in RECIPES if r != "multi30k_teacher.yaml"]
 # Another valid value of each str field, from the config's own lists of allowed values
 CHOICES = {"activation_function": configuration_weaknat.ACTIVATIONS,
            "upsample_method": configuration_weaknat.UPSAMPLE_METHODS,
-           "weak_ar_loss_reduction": configuration_weaknat.WEAK_AR_LOSS_REDUCTIONS}
+           "weak_ar_loss_reduction": configuration_weaknat.WEAK_AR_LOSS_REDUCTIONS,
+           "init_scheme": configuration_weaknat.INIT_SCHEMES}
 
 
 class VocabularyOf:

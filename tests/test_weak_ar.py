@@ -228,3 +228,58 @@ def test_base_size_parameter_counts_follow_the_architecture():
     assert shared - plain == one_weak
     assert separate - plain == 6 * one_weak
     assert math.isclose(plain / 1e6, 50.5, abs_tol=1.0)  # paper Table 3: 50.6M for its IWSLT vocabulary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Beyond the paper: the partner-dependence diagnostic, the warm-in and the detached embedding
+
+
+def test_dependence_compares_each_partner_on_its_own_sentences_states_with_another_sentences():
+    torch.manual_seed(0)
+    model = WeakNATForConditionalGeneration(tiny_config(dropout=0.0)).eval()
+    batch = batch_of(SOURCES, TARGETS)
+    found = model.weak_ar_dependence(**batch)
+    assert found["own"].shape == found["other"].shape == (4,)  # one partner per NAR layer, none sampled away
+    assert found["tokens"] == sum(len(t) for t in TARGETS)
+    assert not torch.equal(found["own"], found["other"])  # reading another sentence changes what a partner says
+
+    # the same sentence three times: "another sentence" is this one, so the gap must vanish
+    same = batch_of([SOURCES[0]] * 3, [TARGETS[0]] * 3)
+    twins = model.weak_ar_dependence(**same)
+    assert torch.equal(twins["own"], twins["other"])
+
+    # a partner that cannot read its memory (cross-attention output zeroed) is a plain language model: no gap
+    with torch.no_grad():
+        model.weak_ar.decoders[0].layers[0].cross_attn.sublayer.out_proj.weight.zero_()
+        model.weak_ar.decoders[0].layers[0].cross_attn.sublayer.out_proj.bias.zero_()
+    deaf = model.weak_ar_dependence(**batch)
+    assert torch.equal(deaf["own"], deaf["other"])
+
+
+def test_warm_in_ramps_the_nar_loss_weight_from_one_with_no_partner_at_first():
+    torch.manual_seed(0)
+    model = WeakNATForConditionalGeneration(tiny_config(dropout=0.0, weak_ar_warmup_steps=100)).train()
+    batch = batch_of(SOURCES, TARGETS)
+    start = model(**batch, training_step=0)
+    assert start.ar_loss is None and torch.equal(start.loss, start.ctc_loss)  # partners off at the start
+    torch.manual_seed(1)
+    halfway = model(**batch, training_step=50)
+    torch.testing.assert_close(halfway.loss, 0.75 * halfway.ctc_loss + 0.25 * halfway.ar_loss)
+    after = model(**batch, training_step=1000)
+    torch.testing.assert_close(after.loss, 0.5 * after.ctc_loss + 0.5 * after.ar_loss)
+
+
+def test_a_detached_embedding_gets_no_gradient_from_the_partners():
+    def embedding_grad_from_ar_loss(detach: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = WeakNATForConditionalGeneration(tiny_config(dropout=0.0, weak_ar_detach_embedding=detach)).train()
+        model(**batch_of(SOURCES, TARGETS), training_step=0).ar_loss.backward()
+        return model.model.shared.weight.grad, model.model.decoder.layers[0].ffn.sublayer.fc1.weight.grad
+
+    # token rows that only the targets use: the partners' input and output projections are their only path
+    target_only = sorted({t for row in TARGETS for t in row} - {t for row in SOURCES for t in row} - {2})
+    embedding, nar_layer = embedding_grad_from_ar_loss(detach=False)
+    assert embedding[target_only].abs().sum() > 0 and nar_layer.abs().sum() > 0
+    embedding, nar_layer = embedding_grad_from_ar_loss(detach=True)
+    assert embedding[target_only].abs().sum() == 0
+    assert nar_layer.abs().sum() > 0  # the NAR layers still get the partners' gradient through the states they read

@@ -9,13 +9,18 @@
       max_steps: 1000
 
 The model section is not mirrored here: its fields are WeakNATConfig's own, with the config's types and defaults,
-and only the values given travel to the config. Every name is also a flag (`--d_model 256`, `--glancing true`,
-`--model_type marian`); `python training/train.py --help` lists them.
+and only the values given travel to the config, which validates them. Every name is also a flag (`--d_model 256`,
+`--glancing true`, `--model_type marian`); `python training/train.py --help` lists them.
+
+Data and training values are converted and checked in one place, `check_fields` (types from the annotations, ranges
+from RULES), when the dataclasses are made: a recipe value and a flag's text go through the same code, before any
+data is read, and a wrong one raises a ValueError naming the field (`max_steps must be a positive integer`).
 """
 
 import argparse
 import dataclasses
 import difflib
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -102,6 +107,14 @@ class DataArguments:
     tokenizer_name: str | None = field(default=None, metadata={"help": "Saved tokenizer; default: train one."})
     vocab_size: int = field(default=8000, metadata={"help": "Joint SentencePiece vocabulary when training one."})
     distilled: bool = field(default=False, metadata={"help": "Targets are AR-teacher outputs (for the card)."})
+    invalid_utf8: str = field(default="error", metadata={
+        "help": "A line of a two-file corpus that is not valid UTF-8: error (stop, naming file and line) or skip "
+                "(leave the pair out and count it as invalid_utf8)."})
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.source_lang == self.target_lang:
+            raise ValueError(f"source_lang and target_lang must differ (both are {self.source_lang!r})")
 
 
 @dataclass
@@ -125,9 +138,93 @@ class TrainingArguments:
     keep_best: int = field(default=1, metadata={"help": "Best checkpoints (validation BLEU) kept as well."})
     early_stopping_patience: int = field(default=0, metadata={
         "help": "Stop after this many validations in a row without a new best BLEU; 0 = train to max_steps."})
+    max_consecutive_nonfinite_steps: int = field(default=5, metadata={
+        "help": "Stop the run (with an error) after this many optimizer steps in a row whose loss or gradients are "
+                "not finite; each such step is skipped, warned about and counted."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest, best or a path."})
     report_to: str = field(default="tensorboard", metadata={"help": "Accelerate trackers, comma-separated, or none."})
     push_to_hub: str | None = field(default=None, metadata={"help": "Repo id to upload the export to."})
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ValueError("early_stopping_patience needs validations: set eval_steps to a positive integer")
+
+
+# What each data and training value must be, checked in one place (`check_fields`) when the dataclass is made, so a
+# recipe value and a flag (which reaches the dataclass as the text typed) go through the same conversion and the same
+# message naming the field. Fields not listed only need their annotation's type.
+RULES = {
+    **dict.fromkeys(["max_steps", "max_tokens", "gradient_accumulation_steps", "save_total_limit",
+                     "max_consecutive_nonfinite_steps", "vocab_size", "max_train_samples", "max_eval_samples"],
+                    ("a positive integer", lambda v: v >= 1)),
+    **dict.fromkeys(["warmup_steps", "logging_steps", "eval_steps", "save_steps", "keep_best",
+                     "early_stopping_patience"], ("a non-negative integer (0 = off)", lambda v: v >= 0)),
+    **dict.fromkeys(["learning_rate", "weight_decay", "max_grad_norm"], ("a number >= 0", lambda v: v >= 0)),
+    **dict.fromkeys(["adam_beta1", "adam_beta2"], ("a number in [0, 1)", lambda v: 0 <= v < 1)),
+    "seed": ("an integer in [0, 2**32)", lambda v: 0 <= v < 2**32),
+    "mixed_precision": ("one of no, bf16, fp16", lambda v: v in ("no", "bf16", "fp16")),
+    "invalid_utf8": ("one of error, skip", lambda v: v in ("error", "skip")),
+    **dict.fromkeys(["output_dir", "dataset", "source_lang", "target_lang", "train_split"],
+                    ("a non-empty string", lambda v: bool(v.strip()))),
+}
+KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def check_fields(arguments):
+    """Convert every field of a DataArguments/TrainingArguments to its annotated type and check its range, in place.
+
+    A value may come from a recipe (a YAML/JSON value) or a flag (its text); either way a wrong one raises a
+    ValueError that names the field as the user wrote it: `max_steps must be a positive integer (got 2.5)`.
+    """
+    # the class's annotations, not `dataclasses.fields(...).type`, which HfArgumentParser rewrites in place
+    for name, annotation in typing.get_type_hints(type(arguments)).items():
+        setattr(arguments, name, check_value(name, annotation, getattr(arguments, name)))
+
+
+def check_value(name: str, annotation, value):
+    """`value` converted to `annotation` (`int`, `float`, `bool`, `str`, or one of them `| None`) and checked against
+    RULES[name]; a ValueError naming the field otherwise."""
+    kinds = typing.get_args(annotation) or (annotation,)
+    kind, optional = next(k for k in kinds if k is not type(None)), type(None) in kinds
+    description = RULES.get(name, (KIND_NAMES[kind], None))[0]
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} must be {description} (got an empty value)")
+    try:
+        converted = _convert(value, kind)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        hint = " (a YAML yes/no/on/off is a boolean: quote it)" if kind is str and isinstance(value, bool) else ""
+        raise ValueError(f"{name} must be {description} (got {value!r}){hint}") from None
+    check = RULES.get(name, (None, None))[1]
+    if check is not None and not check(converted):
+        raise ValueError(f"{name} must be {description} (got {value!r})")
+    return converted
+
+
+def _convert(value, kind):
+    """A recipe value or a flag's text as `kind`; raises ValueError/TypeError when it is not one."""
+    if kind is bool:
+        return value if isinstance(value, bool) else string_to_bool(_text(value))
+    if isinstance(value, bool):  # never 1/0 for a number, nor "True" for a string
+        raise TypeError(value)
+    if kind is int:
+        return value if isinstance(value, int) else int(_text(value).strip())  # 2.5, "2.5" and "" all fail
+    if kind is float:
+        number = float(value) if isinstance(value, (int, float)) else float(_text(value).strip())
+        if not math.isfinite(number):
+            raise ValueError(value)
+        return number
+    if isinstance(value, int):  # e.g. `dataset_config: 2017` in a recipe, as the flag would give it
+        return str(value)
+    return _text(value)
+
+
+def _text(value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value
 
 
 SECTIONS = {"data": DataArguments, "training": TrainingArguments}
@@ -137,6 +234,10 @@ def build_parser() -> HfArgumentParser:
     """DataArguments and TrainingArguments as HfArgumentParser makes them, then one flag per model field, typed by
     its annotation in WeakNATConfig. A model flag not given is absent: the config's own default applies."""
     parser = HfArgumentParser(tuple(SECTIONS.values()), allow_abbrev=False)
+    section_fields = {f.name for section in SECTIONS.values() for f in dataclasses.fields(section)}
+    for action in parser._actions:
+        if action.dest in section_fields:  # the text as typed: check_fields converts and checks it, like a recipe value
+            action.type = None
     model = parser.add_argument_group("model", "model_type and the WeakNATConfig fields (default: the config's)")
     model.add_argument("--model_type", "--model-type", choices=MODEL_TYPES, default="weaknat",
                        help="weaknat (the NAR translator) or marian (transformers' MarianMTModel of the same sizes: "

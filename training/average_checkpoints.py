@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, HfArgumentParser
+from transformers import HfArgumentParser
 
-import hf_weaknat  # noqa: F401  (registers the weaknat Auto classes)
-from training.checkpoints import CHECKPOINT_NAME, MODEL_DIR, best_score, complete_checkpoints
+from training.checkpoints import (
+    CHECKPOINT_NAME, NonFiniteWeightsError, best_score, complete_checkpoints, describe_checkpoint,
+    first_non_finite, load_checkpoint_model,
+)
 
 
 def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -34,10 +36,19 @@ def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str,
 
 
 def average_checkpoints(checkpoints: list[Path], output_dir: Path) -> Path:
-    """Load each checkpoint's model, average, and save with the first one's config."""
-    models = [AutoModelForSeq2SeqLM.from_pretrained(
-        c / MODEL_DIR if (c / MODEL_DIR).is_dir() else c) for c in checkpoints]
-    averaged = average_state_dicts([m.state_dict() for m in models])
+    """Load each checkpoint's model, average, and save with the first one's config.
+
+    A damaged checkpoint (DamagedCheckpointError) or one holding NaN/inf weights (NonFiniteWeightsError) is named,
+    and nothing is written: average the others by passing them with --checkpoints.
+    """
+    others = "leave it out: pass the checkpoints to average with --checkpoints"
+    models = [load_checkpoint_model(c, others) for c in checkpoints]
+    for checkpoint, model in zip(checkpoints, models):
+        bad = first_non_finite(model.state_dict())
+        if bad is not None:
+            raise NonFiniteWeightsError(f"Checkpoint {describe_checkpoint(checkpoint)} holds NaN or infinite values "
+                                        f"in weight {bad}: {others}")
+    averaged = average_state_dicts([m.state_dict() for m in models])  # the mean of finite weights is finite
     models[0].load_state_dict(averaged)
     models[0].save_pretrained(output_dir)
     return Path(output_dir)

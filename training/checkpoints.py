@@ -4,17 +4,34 @@ A checkpoint `checkpoints/step-00001000/` holds accelerate's state (model, optim
 process), `model/` (a `from_pretrained` directory, for export and averaging) and `trainer_state.json`. It is written
 as `.tmp-step-...` and renamed when complete, and only directories with `trainer_state.json` (written last) count,
 so a run killed while saving never leaves a "latest" checkpoint that cannot be resumed.
+
+Two guards: weights holding NaN or infinity are never written (`refuse_non_finite`: the save names the step and the
+first bad tensor), and a checkpoint damaged after it was written (a truncated or emptied file) is named by
+`checkpoint_problem` before anything tries to load it.
 """
 
 import dataclasses
 import json
 import re
 import shutil
+import zipfile
 from pathlib import Path
+
+import torch
+from safetensors import safe_open
 
 STATE_FILE = "trainer_state.json"
 MODEL_DIR = "model"
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
+DAMAGED_PREFIX = "damaged-"  # where resume sets a damaged checkpoint aside: invisible to latest, best and rotation
+
+
+class NonFiniteWeightsError(ValueError):
+    """Weights holding NaN or infinity were about to be written (a checkpoint, an average or an export)."""
+
+
+class DamagedCheckpointError(RuntimeError):
+    """A checkpoint cannot be read (a truncated or emptied file, or a failed load); the message names it."""
 
 
 @dataclasses.dataclass
@@ -23,6 +40,7 @@ class TrainState:
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of the current epoch done by each process (skipped on resume)
     validation_bleu: dict[str, float] = dataclasses.field(default_factory=dict)  # str(step) -> BLEU
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradients (trainer.py), over the whole run
 
     def save(self, path: Path):
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
@@ -67,7 +85,17 @@ def best_score(checkpoint: Path) -> float | None:
 
 
 def save_checkpoint(accelerator, model, root: Path, state: TrainState, keep_last: int, keep_best: int) -> Path:
-    """Write a checkpoint from every process, publish it with one rename, then rotate old ones. Returns its path."""
+    """Write a checkpoint from every process, publish it with one rename, then rotate old ones. Returns its path.
+
+    Refuses (NonFiniteWeightsError on every process, nothing written) when any process holds a non-finite weight.
+    """
+    # every process checks its own weights (its shard under FSDP), then all learn whether any found one
+    unwrapped = accelerator.unwrap_model(model)
+    bad = first_non_finite({**dict(unwrapped.named_parameters()), **dict(unwrapped.named_buffers())})
+    found = accelerator.reduce(torch.tensor([float(bad is not None)], device=accelerator.device), "sum")
+    if found.item() > 0:
+        raise NonFiniteWeightsError(non_finite_message(f"checkpoint {root / checkpoint_name(state.step)}",
+                                                       state.step, bad or "(on another process)"))
     final, temp = root / checkpoint_name(state.step), root / f".tmp-{checkpoint_name(state.step)}"
     if accelerator.is_main_process:
         remove_directory(temp)  # a leftover of a save that was killed
@@ -111,3 +139,121 @@ def remove_directory(path: Path):
         shutil.rmtree(trash, ignore_errors=True)
         path.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Guards: no non-finite weights written, damaged checkpoints named
+
+
+def first_non_finite(tensors: dict) -> str | None:
+    """Name of the first floating-point tensor holding a NaN or an infinity, or None when all are finite."""
+    for name, tensor in tensors.items():
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # an FSDP2 shard: this process's part
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            return name
+    return None
+
+
+def non_finite_message(what: str, step, tensor: str) -> str:
+    return (f"Refusing to write {what} at step {step}: weight {tensor} holds NaN or infinite values (the training "
+            "diverged). Nothing was written; see metrics.jsonl for the steps that led here")
+
+
+def refuse_non_finite(tensors: dict, what: str, step):
+    """Raise NonFiniteWeightsError naming `what` (the thing about to be written), the step and the first bad tensor."""
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise NonFiniteWeightsError(non_finite_message(what, step, bad))
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint, from its name or its trainer_state.json (None for an averaged model)."""
+    match = CHECKPOINT_NAME.match(Path(path).name)
+    if match:
+        return int(match[1])
+    try:
+        return TrainState.load(Path(path) / STATE_FILE).step
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def describe_checkpoint(path: Path) -> str:
+    step = checkpoint_step(path)
+    return f"{path} (step {step})" if step is not None else str(path)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What makes a checkpoint (or model) directory unreadable, or None when its files look whole.
+
+    Cheap: it reads the safetensors headers (which say how long each file must be), the end of each zip archive
+    written by torch.save (optimizer, scheduler, RNG states: a cut file has lost it) and the JSON files, never the
+    tensors. A file damaged in its middle passes here and fails when loaded; callers name the checkpoint then too.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return "not a directory"
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        problem = _file_problem(file)
+        if problem:
+            return f"{file.relative_to(path)}: {problem}"
+    return None
+
+
+def _file_problem(file: Path) -> str | None:
+    if file.stat().st_size == 0:
+        return "empty file"
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt"):
+                pass
+        elif file.suffix in (".bin", ".pkl", ".pt", ".pth"):
+            with zipfile.ZipFile(file):  # torch.save's format: the index of its records is at the end
+                pass
+        elif file.suffix == ".json":
+            json.loads(file.read_text(encoding="utf-8"))
+    except Exception as error:  # zipfile.BadZipFile, a JSON ValueError, safetensors' SafetensorError, OSError
+        return f"truncated or damaged ({type(error).__name__}: {error})"
+    return None
+
+
+def newest_loadable_checkpoint(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest complete checkpoint whose files are whole, [(newer damaged checkpoint, its problem), ...])."""
+    damaged = []
+    for checkpoint in reversed(complete_checkpoints(root)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint, damaged
+        damaged.append((checkpoint, problem))
+    return None, damaged
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Rename a damaged checkpoint to `damaged-step-...` (kept for inspection, no longer a checkpoint of the run)."""
+    target = checkpoint.with_name(DAMAGED_PREFIX + checkpoint.name)
+    number = 1
+    while target.exists():
+        number += 1
+        target = checkpoint.with_name(f"{DAMAGED_PREFIX}{checkpoint.name}-{number}")
+    checkpoint.rename(target)
+    return target
+
+
+def load_checkpoint_model(checkpoint: Path, what_to_do: str = "pick another checkpoint"):
+    """The model of a training checkpoint (its `model/`) or of an averaged model (a plain `from_pretrained` folder):
+    a WeakNAT or (the AR baseline) a MarianMTModel. A damaged one raises DamagedCheckpointError naming it (path and
+    step) and saying `what_to_do`, never a bare SafetensorError."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    import hf_weaknat  # noqa: F401  (registers the weaknat Auto classes)
+
+    checkpoint = Path(checkpoint)
+    directory = checkpoint / MODEL_DIR if (checkpoint / MODEL_DIR).is_dir() else checkpoint
+    problem = checkpoint_problem(directory)
+    if problem:
+        raise DamagedCheckpointError(f"Checkpoint {describe_checkpoint(checkpoint)} is damaged ({problem}): "
+                                     f"{what_to_do}")
+    try:
+        return AutoModelForSeq2SeqLM.from_pretrained(directory)
+    except Exception as error:
+        raise DamagedCheckpointError(f"Could not load checkpoint {describe_checkpoint(checkpoint)} "
+                                     f"({type(error).__name__}: {error}): {what_to_do}") from error

@@ -60,6 +60,7 @@ def evaluate_split(accelerator, model, tokenizer, dataset, max_tokens: int) -> d
     was_training = model.training
     model.eval()
     loss_sum, scored_pairs, translations = torch.zeros((), device=accelerator.device), 0, []
+    dependence = PartnerDependence(model, accelerator.device)
     with accelerator.autocast():
         for batch_indices in length_sorted_batches(examples, max_tokens):
             batch = {k: v.to(accelerator.device)
@@ -68,6 +69,7 @@ def evaluate_split(accelerator, model, tokenizer, dataset, max_tokens: int) -> d
             fitting = len(batch_indices) - int(getattr(out, "num_unfit_pairs", 0))  # AR models: all fit
             loss_sum += out.loss.float() * fitting
             scored_pairs += fitting
+            dependence.add(batch)
             ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  **generation_limits(model, batch["input_ids"]))
             texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -76,8 +78,38 @@ def evaluate_split(accelerator, model, tokenizer, dataset, max_tokens: int) -> d
     totals = torch.stack([loss_sum, torch.tensor(float(scored_pairs), device=loss_sum.device)])
     if split_work:
         totals, translations = accelerator.reduce(totals, reduction="sum"), gather_object(translations)
+    partner_scores = dependence.result(accelerator if split_work else None)
     by_index = dict(translations)
     predictions = [by_index[i] for i in range(len(dataset))]
     scores = score_translations(predictions, list(dataset["target"]))
     return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), **scores, "num_sentences": len(dataset),
-            "num_unfit_pairs": len(dataset) - int(totals[1].item()), "predictions": predictions}
+            "num_unfit_pairs": len(dataset) - int(totals[1].item()), **partner_scores, "predictions": predictions}
+
+
+class PartnerDependence:
+    """The weak AR partners' validation loss reading their own sentences' NAR states vs another sentence's
+    (`WeakNATForConditionalGeneration.weak_ar_dependence`), summed over batches. Nothing for a model without
+    partners (plain CTC, the Marian baseline)."""
+
+    def __init__(self, model, device):
+        self.model = model if getattr(model, "weak_ar", None) is not None else None
+        self.sums = None if self.model is None else torch.zeros(2, model.config.decoder_layers + 1, device=device)
+
+    def add(self, batch: dict):
+        if self.model is None or batch["input_ids"].shape[0] < 2:  # a lone sentence has no other to compare with
+            return
+        found = self.model.weak_ar_dependence(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        tokens = found["tokens"].float()
+        self.sums[0] += torch.cat([found["own"], tokens[None]])
+        self.sums[1] += torch.cat([found["other"], tokens[None]])
+
+    def result(self, accelerator=None) -> dict:
+        """`partner_loss_own` / `partner_loss_other` (nats per target token, mean over layers), their difference
+        `partner_gap`, and the gap of each NAR layer's partner, first layer first."""
+        if self.model is None:
+            return {}
+        sums = accelerator.reduce(self.sums, reduction="sum") if accelerator is not None else self.sums
+        per_token = sums[:, :-1] / sums[:, -1:].clamp(min=1)  # (own/other, layers)
+        gap = per_token[1] - per_token[0]
+        return {"partner_loss_own": per_token[0].mean().item(), "partner_loss_other": per_token[1].mean().item(),
+                "partner_gap": gap.mean().item(), "partner_gap_by_layer": [round(g, 4) for g in gap.tolist()]}

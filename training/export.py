@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import Accelerator
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser
+from transformers import AutoTokenizer, HfArgumentParser
 
 from hf_weaknat import push_export_to_hub  # also registers the weaknat Auto classes
 from training.arguments import DataArguments
-from training.checkpoints import MODEL_DIR, STATE_FILE, resolve_checkpoint
+from training.checkpoints import (
+    STATE_FILE, describe_checkpoint, load_checkpoint_model, newest_loadable_checkpoint, resolve_checkpoint,
+)
 from training.data import load_evaluation_splits, tokenize_evaluation_splits
 from training.evaluation import evaluate_split
 from training.model_card import export_with_card
@@ -29,13 +31,6 @@ class ExportArguments:
     push_to_hub: str | None = field(default=None, metadata={"help": "Repo id to upload the export to."})
 
 
-def load_checkpoint_model(checkpoint: Path):
-    """A training checkpoint keeps its weights in `model/`; an averaged model is a plain `from_pretrained` folder.
-    A WeakNAT or (the AR baseline) a MarianMTModel."""
-    return AutoModelForSeq2SeqLM.from_pretrained(
-        checkpoint / MODEL_DIR if (checkpoint / MODEL_DIR).is_dir() else checkpoint)
-
-
 def main(argv: list[str] | None = None) -> Path:
     (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     run_dir = Path(args.run_dir)
@@ -43,7 +38,11 @@ def main(argv: list[str] | None = None) -> Path:
     checkpoint = resolve_checkpoint(run_dir / "checkpoints", args.checkpoint)
     if checkpoint is None:
         raise FileNotFoundError(f"No checkpoint under {run_dir / 'checkpoints'}")
-    model, tokenizer = load_checkpoint_model(checkpoint), AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    newest, _ = newest_loadable_checkpoint(run_dir / "checkpoints")
+    model = load_checkpoint_model(checkpoint, "export another one with --checkpoint <path>" + (
+        f" (the newest loadable checkpoint is {describe_checkpoint(newest)})" if newest and newest != checkpoint
+        else ""))
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     data_args = DataArguments(**run_args["data"])
     accelerator = Accelerator()
     evaluation = tokenize_evaluation_splits(accelerator, load_evaluation_splits(data_args), tokenizer, model.config)
@@ -51,12 +50,13 @@ def main(argv: list[str] | None = None) -> Path:
     scores = evaluate_split(accelerator, model.to(accelerator.device), tokenizer, evaluation[eval_split],
                             run_args["training"]["max_tokens"])
     state_file = checkpoint / STATE_FILE  # an averaged model has none: it stands for the end of training
-    steps = json.loads(state_file.read_text())["step"] if state_file.is_file() else run_args["training"]["max_steps"]
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"step": run_args["training"]["max_steps"]}
+    steps, skipped_steps = state["step"], state.get("skipped_steps", 0)
     export_dir = export_with_card(
         model.cpu(), tokenizer, Path(args.output_dir or run_dir / f"export-{checkpoint.name}"), run_args=run_args,
         scores=scores, eval_split=eval_split, steps=steps, example_source=evaluation[eval_split][0]["source"],
         filtered=json.loads((run_dir / "data_stats.json").read_text())["train_pairs"],
-        learning_curve=run_dir / "learning_curve.png", repo_id=args.push_to_hub)
+        learning_curve=run_dir / "learning_curve.png", repo_id=args.push_to_hub, skipped_steps=skipped_steps)
     print(f"Exported {checkpoint} to {export_dir}: {eval_split} BLEU {scores['bleu']:.2f}, chrF {scores['chrf']:.2f}")
     if args.push_to_hub:
         push_export_to_hub(export_dir, args.push_to_hub)

@@ -12,6 +12,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_weaknat import export_for_hub
 from training.ar_baseline import export_marian
+from training.checkpoints import refuse_non_finite
 
 CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 # What differs between the two model families train.py exports, by config.model_type
@@ -53,7 +54,7 @@ def method_text(config) -> tuple[str, str]:
 
 def build_model_card(*, model_name: str, config, num_parameters: int, scores: dict, eval_split: str, data: dict,
                      training: dict, filtered: dict, steps: int, example_source: str, repo_or_path: str,
-                     learning_curve: str = "learning_curve.png") -> ModelCard:
+                     learning_curve: str = "learning_curve.png", skipped_steps: int = 0) -> ModelCard:
     """`data`/`training`: the run's data and training arguments as dicts; `scores`: from evaluation.evaluate_split."""
     dataset_name, on_hub = dataset_identity(data["dataset"])
     family = FAMILIES[config.model_type]
@@ -81,22 +82,34 @@ def build_model_card(*, model_name: str, config, num_parameters: int, scores: di
         decoding=family["decoding"], bleu=scores["bleu"], chrf=scores["chrf"],
         bleu_signature=scores["bleu_signature"], chrf_signature=scores["chrf_signature"],
         eval_sentences=scores["num_sentences"], learning_curve=learning_curve,
-        filtered_text=(f"{filtered.get('source_too_long', 0)} with sources over {config.max_position_embeddings} "
-                       f"tokens, {filtered.get('target_does_not_fit', 0)} {family['unfit_target']} "
-                       f"(of {sum(filtered.values())} pairs)") if filtered else "none counted",
+        filtered_text=filtered_text(filtered, config, family) if filtered else "none counted",
         optimisation_text=(f"{steps} updates, AdamW betas ({training['adam_beta1']}, {training['adam_beta2']}), lr "
                            f"{training['learning_rate']:g}, inverse-sqrt schedule with {training['warmup_steps']} "
                            f"warmup steps, weight decay {training['weight_decay']:g}, {training['max_tokens']} tokens "
                            f"per device x {training['gradient_accumulation_steps']} accumulation, mixed precision "
-                           f"{training['mixed_precision']}"),
+                           f"{training['mixed_precision']}"
+                           + (f"; {skipped_steps} updates skipped for a non-finite loss or gradients"
+                              if skipped_steps else "")),
     )
+
+
+def filtered_text(filtered: dict, config, family: dict) -> str:
+    """The training pairs left out, by reason (data.REASONS' labels; a reason that never occurred is not named)."""
+    text = (f"{filtered.get('source_too_long', 0)} with sources over {config.max_position_embeddings} tokens, "
+            f"{filtered.get('target_does_not_fit', 0)} {family['unfit_target']}")
+    for label, what in (("empty_source", "with an empty source"), ("invalid_utf8", "that are not valid UTF-8")):
+        if filtered.get(label):
+            text += f", {filtered[label]} {what}"
+    return text + f" (of {sum(filtered.values())} pairs)"
 
 
 def export_with_card(model, tokenizer, export_dir: Path, *, run_args: dict, scores: dict, eval_split: str,
                      filtered: dict, steps: int, example_source: str, learning_curve: Path | None = None,
-                     repo_id: str | None = None) -> Path:
+                     repo_id: str | None = None, skipped_steps: int = 0) -> Path:
     """`export_for_hub` (a WeakNAT) or a plain MarianMTModel folder (the AR baseline), then README.md (the card), the
-    learning curve it shows and eval_results.json."""
+    learning curve it shows and eval_results.json. Weights holding NaN or infinity are refused before anything is
+    written (NonFiniteWeightsError naming the step and the first bad tensor)."""
+    refuse_non_finite(model.state_dict(), f"an export to {export_dir}", steps)
     if model.config.model_type == "weaknat":
         export_dir = export_for_hub(model, export_dir, tokenizer)
     else:
@@ -108,7 +121,8 @@ def export_with_card(model, tokenizer, export_dir: Path, *, run_args: dict, scor
     card = build_model_card(model_name=repo_id.split("/")[-1] if repo_id else Path(export_dir).resolve().parent.name,
                             config=model.config, num_parameters=num_parameters, scores=scores, eval_split=eval_split,
                             data=run_args["data"], training=run_args["training"], filtered=filtered, steps=steps,
-                            example_source=example_source, repo_or_path=repo_id or str(export_dir))
+                            example_source=example_source, repo_or_path=repo_id or str(export_dir),
+                            skipped_steps=skipped_steps)
     card.save(export_dir / "README.md")
     kept = {k: v for k, v in scores.items() if k != "predictions"}
     (export_dir / "eval_results.json").write_text(json.dumps({"split": eval_split, "step": steps, **kept}, indent=2))

@@ -1,6 +1,7 @@
 """The run's records: one JSON line per logged step or evaluation, and the learning-curve figure drawn from them."""
 
 import json
+import math
 from pathlib import Path
 
 from matplotlib.figure import Figure  # not pyplot: no GUI backend or global figure state on training machines
@@ -13,7 +14,9 @@ class MetricsLog:
         self.path, self.enabled = Path(path), enabled
 
     def write(self, record: dict):
+        """Append one record; a NaN or infinite number is written as the string "nan", "inf" or "-inf" (valid JSON)."""
         if self.enabled:
+            record = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             with self.path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
 
@@ -36,15 +39,15 @@ def plot_learning_curve(metrics_path: Path, image_path: Path) -> Path:
     figure = Figure(figsize=(10, 3.6))
     loss_axis, score_axis = figure.subplots(1, 2)
     for key in ("loss", "ctc_loss", "ar_loss"):
-        points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
+        points = [(r["step"], r[key]) for r in train if _is_number(r.get(key))]
         if points:
             loss_axis.plot(*zip(*points), label=f"train {key}")
-    points = [(r["step"], r["loss"]) for r in valid]
+    points = [(r["step"], r["loss"]) for r in valid if _is_number(r.get("loss"))]
     if points:
         loss_axis.plot(*zip(*points), "o-", label="validation ctc_loss")
     loss_axis.set(xlabel="optimizer step", ylabel="loss", title="Loss")
     for key in ("bleu", "chrf"):
-        points = [(r["step"], r[key]) for r in valid]
+        points = [(r["step"], r[key]) for r in valid if _is_number(r.get(key))]
         if points:
             score_axis.plot(*zip(*points), "o-", label=f"validation {key}")
     score_axis.set(xlabel="optimizer step", ylabel="score", title="Validation (greedy CTC)")
@@ -55,3 +58,8 @@ def plot_learning_curve(metrics_path: Path, image_path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(image_path, dpi=100)
     return Path(image_path)
+
+
+def _is_number(value) -> bool:
+    """A plottable value: not None, nor the "nan"/"inf" strings MetricsLog writes for non-finite numbers."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -22,7 +22,10 @@ from hf_weaknat.tokenization_weaknat import blank_token_id
 from training import data
 from training.ar_baseline import build_marian_baseline, generation_limits
 from training.arguments import DataArguments, ModelSection, TrainingArguments, parse_arguments, weaknat_config
-from training.checkpoints import MODEL_DIR, STATE_FILE, TrainState, complete_checkpoints, resolve_checkpoint
+from training.checkpoints import (
+    MODEL_DIR, STATE_FILE, DamagedCheckpointError, TrainState, checkpoint_problem, checkpoint_step,
+    complete_checkpoints, describe_checkpoint, newest_loadable_checkpoint, resolve_checkpoint, set_aside,
+)
 from training.evaluation import evaluate_split
 from training.model_card import export_with_card
 from training.records import MetricsLog, plot_learning_curve
@@ -82,18 +85,66 @@ def build_model(model: ModelSection, tokenizer, max_steps: int):
     return WeakNATForConditionalGeneration(build_config(model, tokenizer, max_steps))
 
 
-def resume_checkpoint(run_dir: Path, train_args: TrainingArguments) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run (refusing to silently mix two runs in one directory)."""
+def resume_checkpoint(run_dir: Path, train_args: TrainingArguments, print_function=print) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run (refusing to silently mix two runs in one directory).
+
+    A damaged checkpoint (a truncated or emptied file: checkpoints.checkpoint_problem) is named with its step.
+    `latest` then falls back to the newest loadable one with a warning (`set_aside_damaged` moves the damaged ones
+    out of the way); an explicit path or `best` stops with a DamagedCheckpointError that says how to continue.
+    """
     root = run_dir / "checkpoints"
-    if train_args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(root, train_args.resume_from_checkpoint)
-        if checkpoint is not None and not (checkpoint / STATE_FILE).is_file():
+    which = train_args.resume_from_checkpoint
+    if which == "latest":
+        checkpoint, damaged = newest_loadable_checkpoint(root)
+        for path, problem in damaged:
+            print_function(f"Warning: checkpoint {describe_checkpoint(path)} is damaged ({problem}); it is set aside "
+                           f"as {path.parent / ('damaged-' + path.name)} and the run resumes from "
+                           f"{describe_checkpoint(checkpoint) if checkpoint else 'nothing'}")
+        if checkpoint is None and damaged:
+            raise DamagedCheckpointError(
+                f"Every checkpoint under {root} is damaged (newest: {describe_checkpoint(damaged[0][0])}: "
+                f"{damaged[0][1]}), so there is nothing to resume from. Move them out of {root} to train again from "
+                "scratch in this directory, or choose another --output_dir")
+        return checkpoint  # None before the first save: start from scratch
+    if which:
+        checkpoint = resolve_checkpoint(root, which)
+        if not (checkpoint / STATE_FILE).is_file():
             raise FileNotFoundError(f"{checkpoint} is not a complete training checkpoint (no {STATE_FILE})")
-        return checkpoint  # None for `latest` before the first save: start from scratch
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            newest, _ = newest_loadable_checkpoint(root)
+            alternative = f" (now {describe_checkpoint(newest)})" if newest else ""
+            raise DamagedCheckpointError(
+                f"Cannot resume from checkpoint {describe_checkpoint(checkpoint)}: it is damaged ({problem}). Resume "
+                f"from another one: --resume_from_checkpoint latest takes the newest loadable checkpoint"
+                f"{alternative}, or pass a checkpoint path")
+        return checkpoint
     if complete_checkpoints(root):
         raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume_from_checkpoint latest to "
                               "continue, or choose another --output_dir")
     return None
+
+
+def set_aside_damaged(run_dir: Path, checkpoint: Path | None):
+    """After `latest` fell back to `checkpoint`: rename the newer (damaged) checkpoints to `damaged-step-...`, so
+    that neither rotation, `latest`, averaging nor export ever takes one of them for a checkpoint of the run."""
+    resumed_step = checkpoint_step(checkpoint) if checkpoint is not None else -1
+    for path in complete_checkpoints(run_dir / "checkpoints"):
+        if checkpoint_step(path) > resumed_step:
+            set_aside(path)
+
+
+def load_training_state(accelerator, checkpoint: Path) -> TrainState:
+    """Weights, optimizer, scheduler and every process's RNG from `checkpoint`; a failure names the checkpoint."""
+    try:
+        accelerator.load_state(str(checkpoint))
+        return TrainState.load(checkpoint / STATE_FILE)
+    except Exception as error:
+        raise DamagedCheckpointError(
+            f"Could not resume from checkpoint {describe_checkpoint(checkpoint)}: {type(error).__name__}: {error}. "
+            "If the model settings or the number of processes changed since it was saved, resume with those it was "
+            f"saved with; if the checkpoint is damaged, move it out of {checkpoint.parent} and resume with "
+            "--resume_from_checkpoint latest (the newest loadable one)") from error
 
 
 def run_description(model: ModelSection, data_args, train_args, config) -> dict:
@@ -121,7 +172,8 @@ def finish(trainer: Trainer):
         return
     run_dir = trainer.run_dir
     (run_dir / "data_stats.json").write_text(json.dumps({"train_pairs": trainer.filtered}, indent=2))  # stream: final
-    trainer.record({"split": eval_split, "step": trainer.state.step,
+    skipped = trainer.state.skipped_steps
+    trainer.record({"split": eval_split, "step": trainer.state.step, "skipped_steps": skipped,
                     **{k: v for k, v in scores.items() if k != "predictions"}})
     (run_dir / f"predictions-{eval_split}.txt").write_text("".join(p + "\n" for p in scores["predictions"]))
     curve = plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png")
@@ -130,8 +182,11 @@ def finish(trainer: Trainer):
                                   run_args=json.loads((run_dir / "run_args.json").read_text()), scores=scores,
                                   eval_split=eval_split, filtered=trainer.filtered, steps=trainer.state.step,
                                   example_source=trainer.evaluation[eval_split][0]["source"], learning_curve=curve,
-                                  repo_id=args.push_to_hub)
+                                  repo_id=args.push_to_hub, skipped_steps=skipped)
     acc.print(f"Exported to {export_dir}: {eval_split} BLEU {scores['bleu']:.2f}, chrF {scores['chrf']:.2f}")
+    if skipped:
+        acc.print(f"Warning: {skipped} update(s) of this run were skipped for a non-finite loss or gradients (the "
+                  "'skipped' records of metrics.jsonl say when and why)")
     show_translations(export_dir, trainer.evaluation[eval_split]["source"][:3], acc.print)
 
 
@@ -157,8 +212,11 @@ def main(argv: list[str] | None = None):
     accelerator.print(f"{accelerator.num_processes} process(es), {accelerator.distributed_type}, "
                       f"mixed precision {accelerator.mixed_precision}")
     run_dir = Path(train_args.output_dir)
-    checkpoint = resume_checkpoint(run_dir, train_args)
+    checkpoint = resume_checkpoint(run_dir, train_args, accelerator.print)
+    accelerator.wait_for_everyone()  # every process chose its checkpoint before damaged ones are set aside
     if accelerator.is_main_process:
+        if train_args.resume_from_checkpoint == "latest":
+            set_aside_damaged(run_dir, checkpoint)
         run_dir.mkdir(parents=True, exist_ok=True)
     train = data.load_training_split(data_args)
     tokenizer = run_tokenizer(accelerator, data_args, run_dir, train, model_section.resolved.max_position_embeddings)
@@ -176,8 +234,7 @@ def main(argv: list[str] | None = None):
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState()
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))  # weights, optimizer, scheduler and every process's RNG
-        state = TrainState.load(checkpoint / STATE_FILE)
+        state = load_training_state(accelerator, checkpoint)
         accelerator.print(f"Resumed from {checkpoint} (step {state.step}, epoch {state.epoch})")
     else:
         set_seed(train_args.seed, device_specific=True)  # different dropout and layer sampling per process

@@ -1,9 +1,15 @@
 """The training loop: optimizer steps over token batches, logging, validation, checkpoints and early stopping.
 
 train.py builds the pieces (data, model, optimizer, schedule, accelerator) and hands them to a `Trainer`.
+
+Divergence is never silent: a step whose loss (on any process) or gradients are not finite changes no weight. Its
+update is skipped with a warning and a `"split": "skipped"` record in metrics.jsonl, and after
+`max_consecutive_nonfinite_steps` such steps in a row the run stops with TrainingDiverged. A skipped step does not
+count as an optimizer step (the schedule and `max_steps` wait for a good one); its batches are consumed.
 """
 
 import contextlib
+import math
 import time
 from pathlib import Path
 
@@ -16,33 +22,66 @@ from training.evaluation import evaluate_split
 from training.records import MetricsLog
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradients."""
+
+
 def new_window() -> dict:
-    """Sums over the optimizer steps since the last log line."""
-    return {"loss": 0.0, "ctc_loss": 0.0, "ar_loss": 0.0, "tokens": 0, "unfit_pairs": 0, "steps": 0}
+    """Sums over the optimizer steps since the last log line (`skipped_steps`: updates skipped meanwhile)."""
+    return {"loss": 0.0, "ctc_loss": 0.0, "ar_loss": 0.0, "tokens": 0, "unfit_pairs": 0, "steps": 0,
+            "skipped_steps": 0}
 
 
 def train_step(accelerator, model, optimizer, scheduler, micro_batches, step: int, max_grad_norm: float,
                pad_token_id: int) -> dict:
-    """One optimizer step over a group of micro-batches; returns this process's loss terms and token count."""
+    """One optimizer step over a group of micro-batches.
+
+    Returns this process's loss terms and token count, the gradient norm, and `skipped`: None when the update was
+    applied, else why not ("non-finite loss", "non-finite gradients", or under fp16 "fp16 gradient overflow"), with
+    `counts_as_nonfinite`: whether it counts towards max_consecutive_nonfinite_steps. Every process takes the same
+    decision: the loss flags are summed over processes and the gradient norm is that of the all-reduced gradients.
+
+    fp16 keeps its grad scaler: when the gradients overflow, the scaler skips the update and lowers its scale, as it
+    always does. Such a skip counts towards the limit only once the scale is below 1 (then the gradients themselves,
+    not the scaling, overflow); bf16 and fp32 have no scaler, and every non-finite step counts.
+    """
     totals = new_window()
+    finite_loss = True
     for i, examples in enumerate(micro_batches):
         batch = {k: v.to(accelerator.device) for k, v in collate(examples, pad_token_id).items()}
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):  # all-reduce gradients once per step
             out = model(**batch, training_step=step)
             accelerator.backward(out.loss / len(micro_batches))
-        totals["loss"] += out.loss.item() / len(micro_batches)
+        loss = out.loss.item()
+        finite_loss = finite_loss and math.isfinite(loss)
+        totals["loss"] += loss / len(micro_batches)
         # the AR baseline's output has no CTC/weak-AR terms and no unfit pairs
         for key in ("ctc_loss", "ar_loss"):
             term = getattr(out, key, None)
             totals[key] += (term.item() if term is not None else 0.0) / len(micro_batches)
         totals["tokens"] += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
         totals["unfit_pairs"] += int(getattr(out, "num_unfit_pairs", 0))
-    if max_grad_norm > 0:
-        totals["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
-    optimizer.step()
-    scheduler.step()
+    # the norm of the (unscaled) gradients; without clipping, a limit of inf multiplies them by exactly 1
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf))
+    flags = accelerator.reduce(torch.tensor([0.0 if finite_loss else 1.0], device=accelerator.device), "sum")
+    scaler = accelerator.scaler  # only fp16 on an accelerator has one
+    skipped, counts = None, True
+    if flags.item() > 0:
+        skipped = "non-finite loss"
+    elif not math.isfinite(grad_norm):
+        skipped = "non-finite gradients" if scaler is None else "fp16 gradient overflow"
+    if skipped is None:
+        optimizer.step()
+        scheduler.step()
+    elif scaler is not None:  # the scaler must see the step: it lowers its scale and resets for the next one
+        if not math.isfinite(grad_norm):
+            optimizer.step()  # finds the non-finite gradients, so it skips the update itself
+        else:
+            scaler.update()  # a non-finite loss with finite gradients: no update, and none by the scaler either
+        counts = skipped != "fp16 gradient overflow" or scaler.get_scale() < 1
     optimizer.zero_grad(set_to_none=True)
+    totals.update(grad_norm=grad_norm, skipped=skipped, counts_as_nonfinite=counts)
     return totals
 
 
@@ -63,6 +102,7 @@ class Trainer:
         # a resumed run starts from a saved checkpoint
         self.last_saved_step, self.last_saved_path = (state.step, resumed_from) if resumed_from else (None, None)
         self.bar = None
+        self.nonfinite_in_a_row = 0
 
     def run(self):
         args, state = self.args, self.state
@@ -77,8 +117,12 @@ class Trainer:
             for group in optimizer_steps(batches, args.gradient_accumulation_steps):
                 totals = train_step(self.accelerator, self.model, self.optimizer, self.scheduler, group, state.step,
                                     args.max_grad_norm, self.tokenizer.pad_token_id)
-                state.step += 1
                 state.batches_in_epoch += len(group)
+                if totals["skipped"]:
+                    self.skip(totals)  # raises TrainingDiverged after too many in a row
+                    continue
+                self.nonfinite_in_a_row = 0
+                state.step += 1
                 self.bar.update(1)
                 self.after_step(totals)
                 if state.step >= args.max_steps or self.plateaued():
@@ -104,6 +148,35 @@ class Trainer:
                                    f"{self.state.step}")
         return stale >= patience
 
+    def skip(self, totals: dict):
+        """Count, record and warn about an update that was not applied; stop the run after too many in a row."""
+        state, limit = self.state, self.args.max_consecutive_nonfinite_steps
+        state.skipped_steps += 1
+        self.window["skipped_steps"] += 1
+        self.nonfinite_in_a_row += 1 if totals["counts_as_nonfinite"] else 0
+        self.record({"split": "skipped", "step": state.step + 1, "epoch": state.epoch, "reason": totals["skipped"],
+                     "loss": totals["loss"], "grad_norm": totals["grad_norm"], "in_a_row": self.nonfinite_in_a_row,
+                     "skipped_steps": state.skipped_steps})
+        scale = (f" (the grad scaler lowered its scale to {self.accelerator.scaler.get_scale():g})"
+                 if totals["skipped"] == "fp16 gradient overflow" else "")
+        self.accelerator.print(
+            f"\nWarning: step {state.step + 1}: {totals['skipped']} (loss {totals['loss']:.4g}, gradient norm "
+            f"{totals['grad_norm']:.4g}){scale}; update skipped ({self.nonfinite_in_a_row} in a row, "
+            f"{state.skipped_steps} in the run; the run stops at {limit} in a row)")
+        if self.nonfinite_in_a_row >= limit:
+            raise TrainingDiverged(self.divergence_message())
+
+    def divergence_message(self) -> str:
+        state, limit = self.state, self.args.max_consecutive_nonfinite_steps
+        saved = (f"The newest checkpoint, {self.last_saved_path} (step {self.last_saved_step}), was saved before; "
+                 "its weights are finite but may already be far off (see its loss in metrics.jsonl). "
+                 if self.last_saved_path else "No checkpoint was saved. ")
+        return (f"Training diverged: {limit} attempts in a row at optimizer step {state.step + 1} had a non-finite "
+                f"loss or gradients, and each update was skipped ({state.skipped_steps} skipped in the run; "
+                f"--max_consecutive_nonfinite_steps {limit}). No checkpoint, export or model card was written from "
+                f"them. {saved}To fix it, lower --learning_rate, lengthen --warmup_steps or set --max_grad_norm "
+                "(bf16 rather than fp16 also helps), and train again in a fresh --output_dir.")
+
     def after_step(self, totals: dict):
         step, args = self.state.step, self.args
         for key in ("loss", "ctc_loss", "ar_loss", "tokens", "unfit_pairs"):
@@ -127,7 +200,8 @@ class Trainer:
                   "ar_loss": sums[2].item() / steps / world if nar and self.config.weak_ar_layers else None,
                   "lr": self.scheduler.get_last_lr()[0],
                   "tokens_per_s": sums[3].item() / (time.time() - self.window_start),
-                  "unfit_pairs_in_batches": int(sums[4].item()), "grad_norm": grad_norm}
+                  "unfit_pairs_in_batches": int(sums[4].item()), "grad_norm": grad_norm,
+                  "skipped_steps": window["skipped_steps"]}
         if self.data_args.streaming:  # a stream's filter counts grow as it is read
             record.update({f"filtered_{k}": v for k, v in self.filtered.items()})
         self.record(record)

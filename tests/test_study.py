@@ -1,0 +1,72 @@
+"""The study runner (training/evidence/study.py): a grid of runs trained, averaged, scored, skipped when done, reported."""
+
+import json
+
+import pytest
+import yaml
+
+from training.evidence import study
+from training_runs import DEMO, ENV, REPO
+
+# the tests' tiny demo model, for four updates, checkpoints every two
+TINY_FLAGS = {"d_model": 32, "encoder_layers": 1, "decoder_layers": 2, "encoder_attention_heads": 2,
+              "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+              "max_position_embeddings": 48, "max_train_samples": 200, "max_eval_samples": 16, "max_tokens": 600,
+              "warmup_steps": 2, "learning_rate": 3e-3, "logging_steps": 2, "max_steps": 4, "eval_steps": 2,
+              "save_steps": 2, "save_total_limit": 2, "report_to": "none"}
+
+
+@pytest.fixture
+def grid_file(tmp_path, monkeypatch, tokenizer_dir):
+    monkeypatch.chdir(REPO)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS"):
+        monkeypatch.setenv(name, ENV[name])
+    spec = {"recipe": DEMO, "results_dir": str(tmp_path / "results"), "runs_dir": str(tmp_path / "runs"),
+            "average_last": 2, "num_beams": 2, "test_sentences": 40,
+            "grids": {"tiny": {"baseline": "ctc", "flags": {**TINY_FLAGS, "tokenizer_name": str(tokenizer_dir)},
+                               "seeds": [1],
+                               "variants": {"ctc": {"weak_ar_layers": 0}, "weak_ar": {}}}}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_grid_runs_each_variant_once_and_reports_means_and_paired_p_values(grid_file, tmp_path, monkeypatch):
+    summary = study.main([str(grid_file), "--grid", "tiny"])
+    results = tmp_path / "results" / "tiny"
+    for variant in ("ctc", "weak_ar"):
+        result = json.loads((results / f"{variant}-seed1.json").read_text())
+        assert result["test"]["averaged_steps"] == [2, 4]  # the last two checkpoints, averaged
+        for decoding in ("greedy", "beam2"):
+            assert len(result["test"][decoding]["translations"]) == 40
+            assert result["test"][decoding]["bleu_signature"].startswith("nrefs:1|")
+        assert [r["step"] for r in result["validation"]] == [2, 4]
+        # the partner-dependence diagnostic is logged at every validation, only where there are partners
+        assert all(("partner_gap" in r) == (variant == "weak_ar") for r in result["validation"])
+    row = summary["variants"]["weak_ar"]
+    assert 0.0 <= row["p_values_greedy"][1] <= 1.0
+    assert row["greedy_bleu_difference"] == pytest.approx(row["greedy_bleu"][0]
+                                                          - summary["variants"]["ctc"]["greedy_bleu"][0])
+    table = (results / "README.md").read_text()
+    assert "| ctc | 1 |" in table and "| weak_ar | 1 |" in table
+    assert (results / "learning_curves.png").is_file() and (results / "partner_dependence.png").is_file()
+
+    # a second call finds every result file and trains nothing
+    monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    again = study.main([str(grid_file), "--grid", "tiny"])
+    assert again["variants"]["weak_ar"]["greedy_bleu"] == row["greedy_bleu"]
+
+
+def test_plateau_is_the_first_step_whose_best_bleu_gained_little_over_the_last_quarter():
+    curve = [{"step": s, "bleu": b} for s, b in [(100, 10.0), (200, 20.0), (300, 25.0), (400, 27.0), (500, 28.0),
+                                                 (600, 28.1), (700, 28.2), (800, 28.25)]]
+    # at 800: best 28.25 vs best at <= 600 (28.1): +0.15 < 0.3; at 700: 28.2 vs 28.0 (<= 525): +0.2 < 0.3
+    assert study.plateau_step(curve) == 700
+    assert study.plateau_step(curve[:5]) is None  # still climbing
+
+
+def test_an_unknown_grid_or_variant_is_named(grid_file):
+    with pytest.raises(ValueError, match="no grid 'nope'"):
+        study.main([str(grid_file), "--grid", "nope"])
+    with pytest.raises(SystemExit):
+        study.main([str(grid_file), "--grid", "tiny", "--variants", "glancing"])

@@ -1,0 +1,284 @@
+"""A study: a named grid of runs (variant x seed) of one recipe, each trained, averaged and scored the same way.
+
+    python training/evidence/study.py training/evidence/study_multi30k.yaml --grid ctc_weak_ar     # run what is missing
+    python training/evidence/study.py training/evidence/study_multi30k.yaml --grid ctc_weak_ar --report
+
+A grid file names the recipe, where results go, and its grids (see study_multi30k.yaml). One run is train.py with the
+recipe, the grid's `flags`, the variant's flags and `--seed`, then the average of the run's last `average_last`
+checkpoints (as the paper averages checkpoints), scored on the test split with greedy and beam search: sacreBLEU,
+chrF and the repeated-token rate. Each finished run leaves ONE result file, `<results_dir>/<grid>/<variant>-seed<N>.json`
+(scores, translations, the validation curve with the partner-dependence diagnostic, wall time, machine); a run whose
+result file exists is skipped, so a grid can be finished over several machines: commit the result files, not the
+checkpoints. The same command runs on a GPU (train.py takes the device from accelerate).
+
+The report (`--report`, also written after every run) reads the result files only: mean ± std over seeds per variant,
+each variant's difference to the grid's `baseline` with sacreBLEU's paired bootstrap p-value for every seed pair,
+where each run's validation BLEU flattened, and two plots (validation BLEU of every run; the partners' dependence on
+the NAR states).
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from training.average_checkpoints import average_checkpoints, select_checkpoints
+from training.evidence import recorded_path
+from training.evidence.analyze import analyze, read_lines, translate
+from training.records import read_records
+
+PLATEAU_GAIN = 0.3  # BLEU: a curve has flattened once the best score gained less than this over the last quarter
+
+
+def load_grid(grid_file: Path, name: str) -> dict:
+    """The grid `name` of a grid file, with the file's shared settings (recipe, directories, scoring) filled in."""
+    spec = yaml.safe_load(grid_file.read_text())
+    grids = spec.get("grids") or {}
+    if name not in grids:
+        raise ValueError(f"{grid_file} has no grid {name!r}; it has {sorted(grids)}")
+    grid = {"average_last": 5, "num_beams": 5, "test_split": "test", "test_sentences": None, **{k: v for k, v in spec.items() if k != "grids"},
+            "flags": {}, "baseline": None, **grids[name], "name": name}
+    if grid["baseline"] is not None and grid["baseline"] not in grid["variants"]:
+        raise ValueError(f"grid {name!r}: baseline {grid['baseline']!r} is not one of its variants")
+    return grid
+
+
+def result_path(grid: dict, variant: str, seed: int) -> Path:
+    return Path(grid["results_dir"]) / grid["name"] / f"{variant}-seed{seed}.json"
+
+
+def flag_arguments(flags: dict) -> list[str]:
+    """{name: value} -> ['--name', 'value', ...], booleans as true/false."""
+    arguments = []
+    for name, value in flags.items():
+        arguments += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return arguments
+
+
+def train_command(grid: dict, variant: str, seed: int, run_dir: Path) -> list[str]:
+    command = [sys.executable, "-m", "training.train", grid["recipe"], "--output_dir", str(run_dir), "--seed", str(seed),
+               *flag_arguments({**grid["flags"], **(grid["variants"][variant] or {})})]
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        command += ["--resume_from_checkpoint", "latest"]  # a run interrupted on this machine continues
+    return command
+
+
+def machine() -> dict:
+    import torch
+
+    return {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+def score_run(grid: dict, run_dir: Path) -> dict:
+    """Average the run's last checkpoints and score the average on the test split, greedy and with beam search."""
+    checkpoints = select_checkpoints(run_dir, best=0, last=grid["average_last"])
+    averaged = average_checkpoints(checkpoints, run_dir / f"average-last{len(checkpoints)}")
+    shutil.copytree(run_dir / "tokenizer", averaged, dirs_exist_ok=True)
+    data = json.loads((run_dir / "run_args.json").read_text())["data"]
+    split = Path(data["dataset"]) / grid["test_split"]
+    sources = read_lines(f"{split}.{data['source_lang']}", grid["test_sentences"])
+    references = read_lines(f"{split}.{data['target_lang']}", grid["test_sentences"])
+    scores = {}
+    for name, beams in (("greedy", 1), (f"beam{grid['num_beams']}", grid["num_beams"])):
+        translations = translate(averaged, sources, num_beams=beams)
+        report = analyze(translations, references)
+        scores[name] = {k: report[k] for k in ("bleu", "bleu_signature", "chrf", "chrf_signature", "repetition_rate")}
+        scores[name]["translations"] = translations
+    steps = [int(c.name.split("-")[-1]) for c in checkpoints]
+    return {"averaged_steps": steps, "test_references": recorded_path(f"{split}.{data['target_lang']}"), **scores}
+
+
+def curves(run_dir: Path) -> dict:
+    """The run's validation records (BLEU, loss, partner dependence) and its training loss every logged step."""
+    records = read_records(run_dir / "metrics.jsonl")
+    keep = ("step", "bleu", "chrf", "loss", "partner_loss_own", "partner_loss_other", "partner_gap",
+            "partner_gap_by_layer")
+    validation = [{k: r[k] for k in keep if k in r} for r in records if r["split"] == "validation"]
+    train = [{k: r.get(k) for k in ("step", "loss", "ctc_loss", "ar_loss")} for r in records if r["split"] == "train"]
+    return {"validation": validation, "train": train}
+
+
+def run_one(grid: dict, variant: str, seed: int) -> Path:
+    run_dir = Path(grid["runs_dir"]) / grid["name"] / f"{variant}-seed{seed}"
+    command = train_command(grid, variant, seed, run_dir)
+    print(f"[study] {grid['name']} / {variant} / seed {seed}: {' '.join(command[1:])}", flush=True)
+    start = time.time()
+    subprocess.run(command, check=True)
+    wall_time = time.time() - start
+    result = {"grid": grid["name"], "variant": variant, "seed": seed, "recipe": grid["recipe"],
+              "flags": {**grid["flags"], **(grid["variants"][variant] or {})}, "train_wall_time_s": round(wall_time),
+              "machine": machine(), **curves(run_dir), "test": score_run(grid, run_dir)}
+    path = result_path(grid, variant, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    partial.replace(path)  # a result file exists only once complete
+    print(f"[study] wrote {path} (greedy BLEU {result['test']['greedy']['bleu']:.2f}, {wall_time / 60:.0f} min)")
+    return path
+
+
+def plateau_step(validation: list[dict], gain: float = PLATEAU_GAIN) -> int | None:
+    """The first validation step s at which the best BLEU so far had gained less than `gain` since step 0.75 s
+    (None if it never flattened)."""
+    steps, best, so_far = [], [], float("-inf")
+    for record in validation:
+        so_far = max(so_far, record["bleu"])
+        steps.append(record["step"])
+        best.append(so_far)
+    for i, step in enumerate(steps):
+        earlier = [b for s, b in zip(steps, best) if s <= 0.75 * step]
+        if earlier and best[i] - earlier[-1] < gain:
+            return step
+    return None
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired_bootstrap(references: list[str], baseline: list[str], system: list[str], samples: int = 1000) -> float:
+    """sacreBLEU's paired bootstrap resampling p-value of `system` against `baseline` (BLEU)."""
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.significance import PairedTest
+
+    test = PairedTest([("baseline", baseline), ("system", system)], {"BLEU": BLEU()}, [references], test_type="bs",
+                      n_samples=samples)
+    return float(test()[1]["BLEU"][1].p_value)
+
+
+def load_results(grid: dict) -> dict[str, dict[int, dict]]:
+    """{variant: {seed: result}} of the result files present."""
+    found = {}
+    for variant in grid["variants"]:
+        for seed in grid["seeds"]:
+            path = result_path(grid, variant, seed)
+            if path.is_file():
+                found.setdefault(variant, {})[seed] = json.loads(path.read_text())
+    return found
+
+
+def summarize(grid: dict, results: dict) -> dict:
+    """Per variant: scores as mean ± std over seeds; against the baseline: the difference and per-seed p-values."""
+    beam = f"beam{grid['num_beams']}"
+    summary = {"grid": grid["name"], "baseline": grid["baseline"], "variants": {}}
+    for variant, runs in results.items():
+        row = {"seeds": sorted(runs), "plateau_step": {s: plateau_step(r["validation"]) for s, r in runs.items()},
+               "train_wall_time_min": [round(r["train_wall_time_s"] / 60) for r in runs.values()]}
+        for decoding in ("greedy", beam):
+            for metric in ("bleu", "chrf", "repetition_rate"):
+                row[f"{decoding}_{metric}"] = mean_std([r["test"][decoding][metric] for r in runs.values()])
+        gaps = [r["validation"][-1].get("partner_gap") for r in runs.values()]
+        row["final_partner_gap"] = mean_std(gaps) if None not in gaps else None
+        base_runs = results.get(grid["baseline"], {}) if variant != grid["baseline"] else {}
+        if base_runs:
+            row["p_values_greedy"] = {}
+            for seed in sorted(set(runs) & set(base_runs)):
+                test = runs[seed]["test"]["greedy"]
+                references = read_lines(runs[seed]["test"]["test_references"], len(test["translations"]))
+                row["p_values_greedy"][seed] = paired_bootstrap(
+                    references, base_runs[seed]["test"]["greedy"]["translations"], test["translations"])
+            for decoding in ("greedy", beam):
+                row[f"{decoding}_bleu_difference"] = (row[f"{decoding}_bleu"][0]
+                                                      - mean_std([r["test"][decoding]["bleu"]
+                                                                  for r in base_runs.values()])[0])
+        summary["variants"][variant] = row
+    return summary
+
+
+def pm(pair: tuple[float, float], scale: float = 1.0) -> str:
+    return f"{pair[0] * scale:.2f} ± {pair[1] * scale:.2f}"
+
+
+def markdown(grid: dict, summary: dict) -> str:
+    beam = f"beam{grid['num_beams']}"
+    lines = [f"# Study `{grid['name']}`", "", f"Recipe `{grid['recipe']}` with flags `{grid['flags']}`; test split "
+             f"scored with the average of each run's last {grid['average_last']} checkpoints. Mean ± std over seeds; "
+             f"p: sacreBLEU paired bootstrap (1000 resamples) of greedy BLEU against `{grid['baseline']}`, same seed.",
+             "", f"| variant | seeds | greedy BLEU | {beam} BLEU | greedy chrF | repeated tokens (greedy) | Δ greedy BLEU "
+             f"| p per seed | validation flat at step | train min |", "|" + "---|" * 10]
+    for variant, row in summary["variants"].items():
+        difference = f"{row['greedy_bleu_difference']:+.2f}" if "greedy_bleu_difference" in row else "—"
+        p_values = ", ".join(f"{p:.3f}" for p in row.get("p_values_greedy", {}).values()) or "—"
+        lines.append(f"| {variant} | {len(row['seeds'])} | {pm(row['greedy_bleu'])} | {pm(row[f'{beam}_bleu'])} | "
+                     f"{pm(row['greedy_chrf'])} | {pm(row['greedy_repetition_rate'], 100)}% | {difference} | "
+                     f"{p_values} | {', '.join(str(s) for s in row['plateau_step'].values())} | "
+                     f"{', '.join(str(m) for m in row['train_wall_time_min'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, key: str, ylabel: str, path: Path) -> Path | None:
+    """One line per run of the validation records' `key` against the step."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4))
+    axes = figure.subplots()
+    colors = {variant: f"C{i}" for i, variant in enumerate(results)}
+    drawn = False
+    for variant, runs in results.items():
+        for seed, run in sorted(runs.items()):
+            points = [(r["step"], r[key]) for r in run["validation"] if r.get(key) is not None]
+            if points:
+                axes.plot(*zip(*points), color=colors[variant], alpha=0.8, label=f"{variant} seed {seed}")
+                drawn = True
+    if not drawn:
+        return None
+    axes.set_xlabel("update")
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def report(grid: dict) -> dict:
+    results = load_results(grid)
+    out = Path(grid["results_dir"]) / grid["name"]
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(grid, results)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    table = markdown(grid, summary)
+    (out / "README.md").write_text(table)
+    plot(results, "bleu", "validation BLEU", out / "learning_curves.png")
+    plot(results, "partner_gap", "partner loss: other sentence - own (nats/token)", out / "partner_dependence.png")
+    print(table)
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("grid_file", type=Path)
+    parser.add_argument("--grid", required=True, help="the grid's name in the grid file")
+    parser.add_argument("--report", action="store_true", help="only summarize the result files present")
+    parser.add_argument("--variants", help="comma-separated: run only these variants")
+    parser.add_argument("--seeds", help="comma-separated: run only these seeds")
+    args = parser.parse_args(argv)
+    grid = load_grid(args.grid_file, args.grid)
+    if not args.report:
+        variants = args.variants.split(",") if args.variants else list(grid["variants"])
+        unknown = set(variants) - set(grid["variants"])
+        if unknown:
+            parser.error(f"grid {args.grid!r} has no variant {sorted(unknown)}; it has {sorted(grid['variants'])}")
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else grid["seeds"]
+        for seed in seeds:  # seed-major: a grid cut short still has complete pairs
+            for variant in variants:
+                if result_path(grid, variant, seed).is_file():
+                    print(f"[study] {grid['name']} / {variant} / seed {seed}: result exists, skipped")
+                    continue
+                run_one(grid, variant, seed)
+                report(grid)
+    return report(grid)
+
+
+if __name__ == "__main__":
+    main()
