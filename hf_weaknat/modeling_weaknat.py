@@ -1,7 +1,7 @@
 # Copyright 2026 The hf_weaknat authors. Licensed under the Apache License, Version 2.0.
 """CTC non-autoregressive Transformer with auxiliary weak AR decoders (Wang, Zheng and Huang, EMNLP 2022).
 
-Reading order: attention and layers, upsampling, encoder, NAR decoder, then the public models: `WeakNATModel`
+Reading order (the Transformer layers are in `layers.py`): upsampling, encoder, NAR decoder, then the public models: `WeakNATModel`
 (encode, then upsample and decode) and `WeakNATForConditionalGeneration` (CTC head, the training losses' wiring,
 `generate`). Shapes use batch, src_len, frames (= upsample_ratio * src_len) and tgt_len.
 The paper's weak AR decoders live in `weak_ar.py` and glancing in `glancing.py`; both only run in training, and
@@ -15,124 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_bidirectional_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, ModelOutput, Seq2SeqModelOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import can_return_tuple, logging
 
 from .configuration_weaknat import WeakNATConfig
-from .ctc import ctc_greedy_decode, ctc_loss, ctc_prefix_beam_search, ctc_sample_decode
+from .ctc import (
+    collapse_repeats_and_blanks, ctc_greedy_decode, ctc_loss, ctc_prefix_beam_search, ctc_sample_decode,
+)
 from .generation import finish_generation, prepare_generation, process_scores, warp_for_sampling
 from .glancing import glancing_frame_inputs
+from .layers import WeakNATDecoderLayer, WeakNATEncoderLayer, WeakNATScaledEmbedding
 from .weak_ar import WeakARDecoders, multitask_loss
 
 logger = logging.get_logger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Attention and layers
-
-
-def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Plain softmax attention; query (batch, heads, q_len, head_dim), additive mask (batch, 1, q_len, k_len)."""
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        weights = weights + attention_mask
-    weights = F.dropout(F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype), dropout, module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights  # (batch, q_len, heads, head_dim)
-
-
-class WeakNATAttention(nn.Module):
-    """Multi-head attention dispatched through transformers' attention interface (eager, sdpa, flash...)."""
-
-    def __init__(self, config: WeakNATConfig, num_heads: int, is_causal: bool = False):
-        super().__init__()
-        self.config, self.num_heads, self.is_causal = config, num_heads, is_causal
-        self.head_dim = config.d_model // num_heads
-        self.scaling = self.head_dim**-0.5
-        self.dropout = config.attention_dropout
-        d = config.d_model
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
-        for projection in (self.q_proj, self.k_proj, self.v_proj):
-            projection.xavier_gain = 2**-0.5  # fairseq's MultiheadAttention, used by `init_scheme="fairseq"`
-
-    def forward(self, hidden_states, key_value_states=None, attention_mask=None, **kwargs):
-        kv = hidden_states if key_value_states is None else key_value_states
-        split = lambda x: x.view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)  # (batch, heads, len, head_dim)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, weights = attention(
-            self, split(self.q_proj(hidden_states)), split(self.k_proj(kv)), split(self.v_proj(kv)), attention_mask,
-            scaling=self.scaling, dropout=self.dropout if self.training else 0.0, is_causal=self.is_causal, **kwargs,
-        )
-        return self.out_proj(out.reshape(*hidden_states.shape[:-1], -1)), weights
-
-
-class WeakNATFeedForward(nn.Module):
-    def __init__(self, config: WeakNATConfig, ffn_dim: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(config.d_model, ffn_dim), nn.Linear(ffn_dim, config.d_model)
-        self.activation = ACT2FN[config.activation_function]
-        self.activation_dropout = config.activation_dropout
-
-    def forward(self, x):
-        x = F.dropout(self.activation(self.fc1(x)), self.activation_dropout, self.training)
-        return self.fc2(x)
-
-
-class WeakNATSublayer(nn.Module):
-    """Residual + LayerNorm around one sublayer; post-LN (the paper's setup) or pre-LN by `config.normalize_before`."""
-
-    def __init__(self, config: WeakNATConfig, sublayer: nn.Module):
-        super().__init__()
-        self.sublayer, self.layer_norm = sublayer, nn.LayerNorm(config.d_model)
-        self.normalize_before, self.dropout = config.normalize_before, config.dropout
-
-    def forward(self, x, *args, **kwargs):
-        out = self.sublayer(self.layer_norm(x) if self.normalize_before else x, *args, **kwargs)
-        out, extra = out if isinstance(out, tuple) else (out, None)
-        x = x + F.dropout(out, self.dropout, self.training)
-        return (x if self.normalize_before else self.layer_norm(x)), extra
-
-
-class WeakNATEncoderLayer(GradientCheckpointingLayer):
-    def __init__(self, config: WeakNATConfig):
-        super().__init__()
-        self.self_attn = WeakNATSublayer(config, WeakNATAttention(config, config.encoder_attention_heads))
-        self.ffn = WeakNATSublayer(config, WeakNATFeedForward(config, config.encoder_ffn_dim))
-
-    def forward(self, hidden_states, attention_mask=None):
-        hidden_states, self_weights = self.self_attn(hidden_states, attention_mask=attention_mask)
-        return self.ffn(hidden_states)[0], self_weights
-
-
-class WeakNATDecoderLayer(GradientCheckpointingLayer):
-    """Self-attention, cross-attention, FFN. Non-causal in the NAR decoder; causal in a weak AR decoder."""
-
-    def __init__(self, config: WeakNATConfig, is_causal: bool = False):
-        super().__init__()
-        heads = config.decoder_attention_heads
-        self.self_attn = WeakNATSublayer(config, WeakNATAttention(config, heads, is_causal=is_causal))
-        self.cross_attn = WeakNATSublayer(config, WeakNATAttention(config, heads))
-        self.ffn = WeakNATSublayer(config, WeakNATFeedForward(config, config.decoder_ffn_dim))
-
-    def forward(self, hidden_states, memory, self_attention_mask=None, memory_attention_mask=None):
-        hidden_states, self_weights = self.self_attn(hidden_states, attention_mask=self_attention_mask)
-        hidden_states, cross_weights = self.cross_attn(hidden_states, memory, attention_mask=memory_attention_mask)
-        return self.ffn(hidden_states)[0], self_weights, cross_weights
-
-
-class WeakNATScaledEmbedding(nn.Embedding):
-    """Token embedding times sqrt(d_model) (fairseq's default), so `inputs_embeds` users get the same scale."""
-
-    def __init__(self, num_embeddings, embedding_dim, padding_idx, embed_scale=1.0):
-        super().__init__(num_embeddings, embedding_dim, padding_idx)
-        self.embed_scale = embed_scale
-
-    def forward(self, input_ids):
-        return super().forward(input_ids) * self.embed_scale
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -517,71 +415,81 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def generate(self, inputs=None, generation_config=None, synced_gpus=None, beam_token_candidates=None, **kwargs):
-        r"""Translate in one forward pass, then CTC decoding; transformers' `generate` arguments and return types.
+        r"""Translate in one forward pass, with transformers' `generate` arguments, config and output classes.
 
-        inputs / input_ids (`torch.LongTensor` of shape `(batch, src_len)`): right-padded source tokens, with
-            `attention_mask`; or `inputs_embeds`. Made by `tokenizer(texts, padding=True, return_tensors="pt")`.
-        generation_config (`GenerationConfig`, optional): overrides `self.generation_config` (saved with every export
-            as `generation_config.json`); keyword arguments override both, as in transformers.
-        beam_token_candidates (`int`, optional): beam search tries the best N non-blank tokens per frame (default
-            `2 * num_beams`); also read from a `generation_config` entry of that name.
+        inputs / input_ids (`torch.LongTensor` of shape `(batch, src_len)`): right-padded source with
+            `attention_mask` (`tokenizer(texts, padding=True, return_tensors="pt")`), or `inputs_embeds`.
+        generation_config (`GenerationConfig`, optional): overrides `self.generation_config` (saved with every
+            export as `generation_config.json`); keyword arguments override both.
+        beam_token_candidates (`int`, optional): tokens tried per frame by beam search (default `2 * num_beams`).
 
-        Decoding: `num_beams=1` takes each valid frame's argmax, collapses repeats and drops blanks (greedy);
-        `num_beams > 1` runs CTC prefix beam search; `do_sample=True` draws each frame from its (temperature / top-k /
-        top-p / ... warped) distribution with torch's RNG, then collapses. `suppress_tokens` and one-token
-        `bad_words_ids` are masked in every frame first. A one-pass model does not stop early: the output length
-        comes from the frames, and `max_length` / `max_new_tokens` only truncate it (the output holds no decoder start
-        token, so both bound the same count). `min_length` / `min_new_tokens` rank shorter beam hypotheses last.
-        Arguments that act on the steps of an autoregressive decoder (`prefix_allowed_tokens_fn`, `assistant_model`,
-        `streamer`, `decoder_input_ids`, `repetition_penalty`, ...) raise a ValueError saying why; unknown arguments
-        raise transformers' own ValueError. Every argument is in README.md ("Generation arguments").
-        Rows whose source has no real token (an empty sentence is just `</s>`) translate to an empty sequence; an
-        empty batch or a zero-length source gives an empty result without running the model.
+        `num_beams=1`: each valid frame's argmax, repeats collapsed, blanks dropped; `num_beams > 1`: CTC prefix beam
+        search; `do_sample=True`: each frame drawn from its warped distribution, then collapsed. A one-pass model
+        does not stop early: the frames fix the length, `max_length` / `max_new_tokens` only truncate. An empty
+        sentence (`</s>` alone) translates to an empty sequence. README.md ("Generation arguments") lists them all.
 
-        Returns: `torch.LongTensor` (batch * num_return_sequences, out_len), right-padded with `pad_token_id`; with
-        `return_dict_in_generate=True` a `GenerateEncoderDecoderOutput` (greedy, sampling) or
-        `GenerateBeamEncoderDecoderOutput` (beam search; with `output_scores`, `sequences_scores` = each hypothesis's
-        CTC prefix log-probability, best first). `scores` / `logits`: one `(batch, vocab)` tensor per frame (what the
-        decoder read / raw logits; frames past `frame_mask(attention_mask)` are padding). Attentions and hidden
-        states: the single pass's, as one "step".
+        Returns: `torch.LongTensor` (batch * num_return_sequences, len), right-padded with `pad_token_id`, or with
+        `return_dict_in_generate=True` a `GenerateEncoderDecoderOutput` / `GenerateBeamEncoderDecoderOutput`
+        (`sequences_scores`: CTC prefix log-probabilities, best first; `scores` / `logits`: one (batch, vocab)
+        tensor per frame, frames past the source's are padding).
         """
         request = prepare_generation(self, inputs, generation_config, kwargs)
-        cfg = self.config
-        if cfg.blank_token_id in request.suppressed_token_ids:
-            raise ValueError(f"The CTC blank (id {cfg.blank_token_id}) cannot be suppressed: every CTC output needs it")
+        if self.config.blank_token_id in request.suppressed_token_ids:
+            raise ValueError(f"The CTC blank (id {self.config.blank_token_id}) cannot be suppressed: every CTC "
+                             "output needs it")
         if request.is_empty:
             device = (request.input_ids if request.input_ids is not None else request.inputs_embeds).device
             return finish_generation(request, *request.empty_hypotheses(device))
-        input_ids = request.input_ids
-        encoder_outputs, source_mask = self.model.encode(input_ids, request.attention_mask, request.inputs_embeds,
-                                                         request.output_attentions, request.output_hidden_states)
+        encoder_outputs, source_mask = self.model.encode(request.input_ids, request.attention_mask,
+                                                         request.inputs_embeds, request.output_attentions,
+                                                         request.output_hidden_states)
         outputs = self.model(attention_mask=source_mask, encoder_outputs=encoder_outputs,
                              output_attentions=request.output_attentions,
                              output_hidden_states=request.output_hidden_states)
-        logits = self.ctc_head(outputs.last_hidden_state)  # (batch, frames, vocab); padded frames are masked out below
+        frame_mask = self.output_frame_mask(request.input_ids, source_mask)
+        hypotheses, hypothesis_scores, frame_scores, logits = self.ctc_decode(
+            request, outputs.last_hidden_state, frame_mask, beam_token_candidates)
+        return finish_generation(request, hypotheses, hypothesis_scores, scores=frame_scores, logits=logits,
+                                 encoder_outputs=encoder_outputs, decoder_outputs=outputs)
+
+    def output_frame_mask(self, input_ids, source_mask):
+        """The frames that may emit: those of real source tokens, none for a source without a content token (an
+        empty sentence is just `</s>`: its translation is defined as empty)."""
         frame_mask = self.frame_mask(source_mask)
-        if input_ids is not None:  # an empty sentence has no content token: define its translation as empty
-            special = [t for t in (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) if t is not None]
-            content = source_mask.bool() & ~torch.isin(input_ids, input_ids.new_tensor(special))
-            frame_mask = frame_mask & content.any(1, keepdim=True)
-        frame_scores = process_scores(request, logits)
-        blank, pad, scores = cfg.blank_token_id, request.pad_token_id, None
+        if input_ids is None:
+            return frame_mask
+        special = [t for t in (self.config.pad_token_id, self.config.bos_token_id, self.config.eos_token_id)
+                   if t is not None]
+        content = source_mask.bool() & ~torch.isin(input_ids, input_ids.new_tensor(special))
+        return frame_mask & content.any(1, keepdim=True)
+
+    def ctc_decode(self, request, hidden, frame_mask, beam_token_candidates=None):
+        """CTC head and decoding of the decoder frames `hidden` (batch, frames, d) as `request` asks: greedy, sampling
+        or prefix beam search. Returns (hypotheses (batch, k, len), their scores or None, the frame scores decoded
+        and the frame logits (both None when not asked for))."""
+        blank, pad = self.config.blank_token_id, request.pad_token_id
+        config = request.config
+        if request.mode == "greedy" and not (config.output_scores or config.output_logits):
+            # the CTC head on the valid frames only: padded frames cost nothing
+            frame_ids = torch.full(frame_mask.shape, blank, dtype=torch.long, device=hidden.device)
+            frame_ids[frame_mask] = process_scores(request, self.ctc_head(hidden[frame_mask])).argmax(-1)
+            return collapse_repeats_and_blanks(frame_ids, frame_mask, blank, pad)[:, None], None, None, None
+        logits = self.ctc_head(hidden)  # (batch, frames, vocab)
+        frame_scores, scores = process_scores(request, logits), None
         if request.mode == "greedy":
             hypotheses = ctc_greedy_decode(frame_scores, frame_mask, blank, pad)[:, None]
         elif request.mode == "sample":
-            frame_scores = warp_for_sampling(request, frame_scores)
-            n = request.num_return_sequences
+            frame_scores, n = warp_for_sampling(request, frame_scores), request.num_return_sequences
             samples = ctc_sample_decode(frame_scores.repeat_interleave(n, 0), frame_mask.repeat_interleave(n, 0),
                                         blank, pad)
             hypotheses = samples.view(request.batch_size, n, samples.shape[1])
         else:
             frame_scores = F.log_softmax(frame_scores.float(), -1)
-            candidates = (beam_token_candidates or getattr(request.config, "beam_token_candidates", None)
+            candidates = (beam_token_candidates or getattr(config, "beam_token_candidates", None)
                           or 2 * request.num_beams)
             hypotheses, scores = ctc_prefix_beam_search(frame_scores, frame_mask.sum(1), blank, pad,
                                                         request.num_beams, candidates)
-        return finish_generation(request, hypotheses, scores, scores=frame_scores, logits=logits,
-                                 encoder_outputs=encoder_outputs, decoder_outputs=outputs)
+        return hypotheses, scores, frame_scores, logits
 
 
 __all__ = ["WeakNATPreTrainedModel", "WeakNATModel", "WeakNATForConditionalGeneration", "WeakNATOutput"]

@@ -10,7 +10,7 @@ import torch
 from conftest import pad_batch, record_weak_ar_memories, tiny_config
 
 from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration
-from hf_weaknat.modeling_weaknat import WeakNATDecoderLayer
+from hf_weaknat.layers import WeakNATDecoderLayer
 from hf_weaknat.weak_ar import Memory, WeakARDecoder, WeakARDecoders, multitask_loss, shift_tokens_right
 
 SOURCES = [[7, 8, 9, 10, 11, 2], [12, 13, 2], [14, 15, 16, 2]]
