@@ -36,6 +36,20 @@ def pad_batch(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
 
+def count(module) -> int:
+    """Number of parameters of a module."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def batch_of(rows, targets=None):
+    """A right-padded batch from token id rows (pad 0), with labels padded with -100."""
+    ids = pad_batch(rows, 0)
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    if targets is not None:
+        batch["labels"] = pad_batch(targets, -100)
+    return batch
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return train_weaknat_tokenizer(read_lines("train.de", 3000) + read_lines("train.en", 3000), vocab_size=400,

@@ -8,22 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import generates, pad_batch, record_weak_ar_memories, tiny_config
+from conftest import batch_of, generates, pad_batch, record_weak_ar_memories, tiny_config
 
 from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration, WeakNATModel
 from hf_weaknat.glancing import choose_glanced_frames
-
-
-def count(module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def batch_of(rows, targets=None):
-    ids = pad_batch(rows, 0)
-    batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
-    if targets is not None:
-        batch["labels"] = pad_batch(targets, -100)
-    return batch
 
 
 SOURCES = [[7, 8, 9, 10, 11, 2], [12, 13, 2], [14, 15, 16, 2]]

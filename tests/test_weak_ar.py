@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import pad_batch, record_weak_ar_memories, tiny_config
+from conftest import batch_of, count, pad_batch, record_weak_ar_memories, tiny_config
 
 from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration
 from hf_weaknat.layers import WeakNATDecoderLayer
@@ -15,18 +15,6 @@ from hf_weaknat.weak_ar import Memory, WeakARDecoder, WeakARDecoders, multitask_
 
 SOURCES = [[7, 8, 9, 10, 11, 2], [12, 13, 2], [14, 15, 16, 2]]
 TARGETS = [[20, 21, 22, 23, 2], [24, 2], [25, 25, 26, 2]]
-
-
-def count(module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def batch_of(rows, targets=None):
-    ids = pad_batch(rows, 0)
-    batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
-    if targets is not None:
-        batch["labels"] = pad_batch(targets, -100)
-    return batch
 
 
 def one_weak_decoder(config) -> WeakARDecoder:
