@@ -1,4 +1,5 @@
-"""hf_weaknat: a CTC non-autoregressive translator trained with auxiliary weak AR decoders, native to transformers."""
+"""hf_weaknat: a non-autoregressive translator (CTC, or vanilla with length prediction) trained with auxiliary weak AR
+decoders, native to transformers."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 from transformers.pipelines import PIPELINE_REGISTRY

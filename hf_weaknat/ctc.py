@@ -1,4 +1,5 @@
-"""CTC in pure torch: the fit rule, the loss, greedy decoding, sampling, Viterbi alignment and prefix beam search.
+"""CTC in pure torch: the upsampler, the fit rule, the loss, greedy decoding, sampling, Viterbi alignment and prefix
+beam search.
 
 Shapes use the names batch, frames (decoder output positions), vocab and
 tgt_len. This file is shipped as Hugging Face remote code next to the model,
@@ -12,8 +13,43 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 NEG_INF = float("-inf")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Upsampling: CTC needs more decoder frames than target tokens (used by modeling_weaknat.WeakNATModel)
+
+
+class WeakNATUpsampler(nn.Module):
+    """Turns final encoder states (batch, src_len, d) into decoder frames (batch, ratio * src_len, d).
+
+    Frames 0..ratio-1 come from source position 0, and so on: with right padding the valid frames of a row are its
+    first `ratio * src_len` frames, and frames made from padded source positions never reach a loss or an output.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.ratio, self.method = config.upsample_ratio, config.upsample_method
+        linear = self.method == "linear"
+        self.proj = nn.Linear(config.d_model, config.upsample_ratio * config.d_model) if linear else None
+
+    def forward(self, encoder_states, attention_mask):
+        batch, src_len, d = encoder_states.shape
+        if self.method == "linear":
+            frames = self.proj(encoder_states).view(batch, src_len * self.ratio, d)  # (batch, frames, d)
+        else:
+            frames = encoder_states.repeat_interleave(self.ratio, dim=1)
+        return frames, self.frame_mask(attention_mask)
+
+    def frame_mask(self, attention_mask):
+        """(batch, src_len) source mask -> (batch, frames) bool mask of the frames made from real tokens."""
+        return attention_mask.bool().repeat_interleave(self.ratio, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fit rule, the loss and decoding
 
 
 def ctc_min_frames(targets, target_lengths):

@@ -2,8 +2,8 @@
 """Export for the Hub: the NAR translator without its weak AR decoders, loadable with or without this package.
 
 The weak AR decoders only exist to train the NAR decoder (paper Section 3, "Inference"): the export keeps exactly
-the parameters of a plain CTC model of the same size, turns the AR switches off in its config, and ships the
-model, config and pipeline code so `trust_remote_code=True` users need nothing but transformers.
+the parameters of a plain NAR model (CTC or vanilla) of the same size, turns the AR switches off in its config, and
+ships the model, config and pipeline code so `trust_remote_code=True` users need nothing but transformers.
 """
 
 import copy
@@ -16,8 +16,8 @@ from .modeling_weaknat import WeakNATForConditionalGeneration
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Everything modeling_weaknat.py imports, with the pipeline. weak_ar.py and glancing.py only run in training, but the
 # modeling file imports them, and shipping them keeps an export's code identical to the package's.
-REMOTE_CODE_FILES = ("configuration_weaknat.py", "modeling_weaknat.py", "layers.py", "ctc.py", "generation.py",
-                     "weak_ar.py", "glancing.py", "pipeline_weaknat.py")
+REMOTE_CODE_FILES = ("configuration_weaknat.py", "modeling_weaknat.py", "layers.py", "ctc.py", "length_prediction.py",
+                     "generation.py", "weak_ar.py", "glancing.py", "pipeline_weaknat.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_weaknat.WeakNATConfig",
     "AutoModel": "modeling_weaknat.WeakNATModel",

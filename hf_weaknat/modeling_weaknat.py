@@ -1,9 +1,11 @@
 # Copyright 2026 The hf_weaknat authors. Licensed under the Apache License, Version 2.0.
-"""CTC non-autoregressive Transformer with auxiliary weak AR decoders (Wang, Zheng and Huang, EMNLP 2022).
+"""Non-autoregressive Transformer (CTC, or vanilla with length prediction) with auxiliary weak AR decoders (Wang,
+Zheng and Huang, EMNLP 2022).
 
-Reading order (the Transformer layers are in `layers.py`): upsampling, encoder, NAR decoder, then the public models: `WeakNATModel`
-(encode, then upsample and decode) and `WeakNATForConditionalGeneration` (CTC head, the training losses' wiring,
-`generate`). Shapes use batch, src_len, frames (= upsample_ratio * src_len) and tgt_len.
+Reading order (the Transformer layers are in `layers.py`, CTC's upsampler in `ctc.py`): encoder, NAR decoder, then
+the public models: `WeakNATModel` (encode, then upsample (CTC) or predict the length (vanilla, `length_prediction.py`)
+and decode) and `WeakNATForConditionalGeneration` (output head, the training losses' wiring, `generate`). Shapes use
+batch, src_len, frames (decoder positions: upsample_ratio * src_len for CTC, the target length for vanilla), tgt_len.
 The paper's weak AR decoders live in `weak_ar.py` and glancing in `glancing.py`; both only run in training, and
 the weak AR decoders exist only while `config.weak_ar_layers > 0` (`export.py` writes a checkpoint without them).
 """
@@ -23,44 +25,16 @@ from transformers.utils import can_return_tuple, logging
 
 from .configuration_weaknat import WeakNATConfig
 from .ctc import (
-    collapse_repeats_and_blanks, ctc_greedy_decode, ctc_loss, ctc_prefix_beam_search, ctc_sample_decode,
+    WeakNATUpsampler, collapse_repeats_and_blanks, ctc_greedy_decode, ctc_loss, ctc_prefix_beam_search,
+    ctc_sample_decode,
 )
 from .generation import finish_generation, prepare_generation, process_scores, warp_for_sampling
-from .glancing import glancing_frame_inputs
+from .glancing import glancing_frame_inputs, glancing_target_inputs
 from .layers import WeakNATDecoderLayer, WeakNATEncoderLayer, WeakNATScaledEmbedding
+from .length_prediction import WeakNATLengthPredictor, vanilla_decoder_inputs, vanilla_generate, vanilla_loss_terms
 from .weak_ar import WeakARDecoders, multitask_loss
 
 logger = logging.get_logger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Upsampling: CTC needs more decoder frames than target tokens
-
-
-class WeakNATUpsampler(nn.Module):
-    """Turns final encoder states (batch, src_len, d) into decoder frames (batch, ratio * src_len, d).
-
-    Frames 0..ratio-1 come from source position 0, and so on: with right padding the valid frames of a row are its
-    first `ratio * src_len` frames, and frames made from padded source positions never reach a loss or an output.
-    """
-
-    def __init__(self, config: WeakNATConfig):
-        super().__init__()
-        self.ratio, self.method = config.upsample_ratio, config.upsample_method
-        linear = self.method == "linear"
-        self.proj = nn.Linear(config.d_model, config.upsample_ratio * config.d_model) if linear else None
-
-    def forward(self, encoder_states, attention_mask):
-        batch, src_len, d = encoder_states.shape
-        if self.method == "linear":
-            frames = self.proj(encoder_states).view(batch, src_len * self.ratio, d)  # (batch, frames, d)
-        else:
-            frames = encoder_states.repeat_interleave(self.ratio, dim=1)
-        return frames, self.frame_mask(attention_mask)
-
-    def frame_mask(self, attention_mask):
-        """(batch, src_len) source mask -> (batch, frames) bool mask of the frames made from real tokens."""
-        return attention_mask.bool().repeat_interleave(self.ratio, dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,16 +158,27 @@ def check_right_padded(mask: torch.Tensor, name: str):
 
 
 class WeakNATModel(WeakNATPreTrainedModel):
-    """Encoder + upsampler + NAR decoder. `last_hidden_state` holds the decoder frames (batch, frames, d_model)."""
+    """Encoder + upsampler (CTC) or length predictor (vanilla) + NAR decoder. `last_hidden_state` holds the decoder
+    states (batch, frames, d_model): CTC frames, or a vanilla model's positions at its predicted target lengths."""
 
     def __init__(self, config: WeakNATConfig):
         super().__init__(config)
         scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
         self.shared = WeakNATScaledEmbedding(config.vocab_size, config.d_model, config.pad_token_id, scale)
         self.encoder = WeakNATEncoder(config)
-        self.upsampler = WeakNATUpsampler(config)
+        self.upsampler = WeakNATUpsampler(config) if config.is_ctc else None
+        self.length_predictor = None if config.is_ctc else WeakNATLengthPredictor(config)
         self.decoder = WeakNATDecoder(config)
         self.post_init()
+
+    def decoder_inputs(self, encoder_states, source_mask, input_ids=None, inputs_embeds=None, target_lengths=None):
+        """-> (decoder inputs (batch, frames, d), their mask (batch, frames), length logits (vanilla) or None).
+
+        CTC: the upsampled frames. Vanilla (`length_prediction.vanilla_decoder_inputs`): inputs at `target_lengths`
+        (the reference's in training), else at the predicted lengths."""
+        if self.upsampler is not None:
+            return (*self.upsampler(encoder_states, source_mask), None)
+        return vanilla_decoder_inputs(self, encoder_states, source_mask, input_ids, inputs_embeds, target_lengths)
 
     def source_mask(self, input_ids=None, attention_mask=None, inputs_embeds=None):
         """Validate the source and return its (batch, src_len) mask."""
@@ -236,7 +221,7 @@ class WeakNATModel(WeakNATPreTrainedModel):
         encoder_states = encoder_outputs.last_hidden_state
         if attention_mask is None:
             attention_mask = torch.ones(encoder_states.shape[:2], dtype=torch.long, device=encoder_states.device)
-        frames, frame_mask = self.upsampler(encoder_states, attention_mask)
+        frames, frame_mask, _ = self.decoder_inputs(encoder_states, attention_mask, input_ids, inputs_embeds)
         decoded = self.decoder(frames, frame_mask, encoder_states, attention_mask, output_attentions,
                                output_hidden_states)
         return Seq2SeqModelOutput(
@@ -250,16 +235,17 @@ class WeakNATModel(WeakNATPreTrainedModel):
 @dataclass
 class WeakNATOutput(ModelOutput):
     r"""
-    loss (`torch.FloatTensor` of shape `()`): `nar_loss_weight * ctc_loss + (1 - nar_loss_weight) * ar_loss`
-        (just `ctc_loss` without weak AR decoders or outside training).
-    logits (`torch.FloatTensor` of shape `(batch, frames, vocab)`): CTC frame logits; frames beyond `frame_mask` are
-        padding and must be ignored.
-    ctc_loss, ar_loss (`torch.FloatTensor` of shape `()`): the two terms (with labels; `ar_loss` while the weak AR
-        decoders train).
-    frame_mask (`torch.BoolTensor` of shape `(batch, frames)`): valid frames (returned with labels; otherwise use
-        `model.frame_mask(attention_mask)`).
-    num_unfit_pairs (`torch.LongTensor` of shape `()`): pairs whose target cannot fit its frames, left out of the CTC
-        loss (with labels).
+    loss (`()`): `lambda * nar_loss + (1 - lambda) * ar_loss`, lambda = `config.nar_loss_weight_at(training_step)`,
+        nar_loss = `ctc_loss` (CTC) or `token_loss + length_loss_factor * length_loss` (vanilla); just nar_loss
+        without weak AR decoders or outside training.
+    logits (`(batch, frames, vocab)`): CTC frame logits or vanilla logits per target position; positions beyond
+        `frame_mask` are padding. length_logits (`(batch, 2 * max_length_offset + 1)`, vanilla): over `tgt - src`.
+    ctc_loss (CTC), token_loss and length_loss (vanilla), ar_loss (`()`): the named terms (with labels; `ar_loss`
+        while the weak AR decoders train).
+    frame_mask (`(batch, frames)` bool): valid positions (with labels, and always for vanilla, whose positions follow
+        the predicted lengths; CTC without labels: `model.frame_mask(attention_mask)`).
+    num_unfit_pairs (`()`): with labels, pairs left out of the NAR loss: CTC, targets that cannot fit their frames;
+        vanilla, none (a length offset outside the classifier's range is clamped).
     """
 
     loss: torch.FloatTensor | None = None
@@ -274,14 +260,19 @@ class WeakNATOutput(ModelOutput):
     ar_loss: torch.FloatTensor | None = None
     frame_mask: torch.BoolTensor | None = None
     num_unfit_pairs: torch.LongTensor | None = None
+    token_loss: torch.FloatTensor | None = None
+    length_loss: torch.FloatTensor | None = None
+    length_logits: torch.FloatTensor | None = None
 
 
 class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
-    """The translator: WeakNATModel + CTC head, plus the weak AR decoders while `config.weak_ar_layers > 0`.
+    """The translator: WeakNATModel + output head (`ctc_head`, named for the CTC model; a vanilla model's per-position
+    head), plus the weak AR decoders while `config.weak_ar_layers > 0`.
 
     `forward(input_ids, attention_mask, labels, training_step)` trains; `generate(input_ids, attention_mask, ...)`
-    translates in one forward pass (CTC greedy, prefix beam search with `num_beams > 1`, or sampling with
-    `do_sample=True`), with transformers' `GenerationConfig` and keyword arguments (`generation.py`).
+    translates in one forward pass (CTC: greedy, prefix beam search with `num_beams > 1`, or sampling; vanilla:
+    argmax at the predicted length, the length beam with `num_beams > 1`, or sampling), with transformers'
+    `GenerationConfig` and keyword arguments (`generation.py`).
     """
 
     _tied_weights_keys = {"ctc_head.weight": "model.shared.weight"}
@@ -306,6 +297,8 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
 
     def frame_mask(self, attention_mask):
         """(batch, src_len) source mask -> (batch, frames) mask of the valid CTC frames."""
+        if self.model.upsampler is None:
+            raise ValueError("A vanilla model's positions follow its lengths: read the forward output's `frame_mask`")
         return self.model.upsampler.frame_mask(attention_mask)
 
     @can_return_tuple
@@ -323,10 +316,9 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
         output_attentions, output_hidden_states = self.output_flags(output_attentions, output_hidden_states)
         labels = self.check_labels(labels) if labels is not None else None
         training = labels is not None and self.training
-        encoder_outputs, source_mask = self.model.encode(input_ids, attention_mask, inputs_embeds, output_attentions,
-                                                         output_hidden_states)
+        encoder_outputs, source_mask, frames, frame_mask, length_logits, labels = self.nar_inputs(
+            input_ids, attention_mask, inputs_embeds, labels, output_attentions, output_hidden_states)
         encoder_states = encoder_outputs.last_hidden_state
-        frames, frame_mask = self.model.upsampler(encoder_states, source_mask)  # (batch, frames, d)
         if training and self.config.glancing:
             frames = self.glance(frames, frame_mask, encoder_states, source_mask, labels, training_step)
         nar_weight = self.config.nar_loss_weight_at(training_step)
@@ -336,12 +328,13 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
                                      output_hidden_states, return_layer_states=partners_train)
         logits = self.ctc_head(decoded.last_hidden_state)  # (batch, frames, vocab)
         terms = (self.loss_terms(logits, frame_mask, labels, decoded.layer_states, encoder_states, source_mask,
-                                 nar_weight) if labels is not None else {})
+                                 nar_weight, length_logits) if labels is not None else {})
         return WeakNATOutput(
             logits=logits, decoder_hidden_states=decoded.hidden_states, decoder_attentions=decoded.attentions,
             cross_attentions=decoded.cross_attentions, encoder_last_hidden_state=encoder_states,
             encoder_hidden_states=encoder_outputs.hidden_states, encoder_attentions=encoder_outputs.attentions,
-            frame_mask=frame_mask if labels is not None else None, **terms,
+            frame_mask=frame_mask if labels is not None or length_logits is not None else None,
+            length_logits=length_logits, **terms,
         )
 
     @torch.no_grad()
@@ -350,23 +343,36 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
         per NAR layer, its partner's summed token loss reading its own sentence's states vs another sentence's."""
         was_training = self.training
         self.eval()
-        labels = self.check_labels(labels)
-        encoder_outputs, source_mask = self.model.encode(input_ids, attention_mask)
+        encoder_outputs, source_mask, frames, frame_mask, _, labels = self.nar_inputs(
+            input_ids, attention_mask, None, self.check_labels(labels))
         encoder_states = encoder_outputs.last_hidden_state
-        frames, frame_mask = self.model.upsampler(encoder_states, source_mask)
         decoded = self.model.decoder(frames, frame_mask, encoder_states, source_mask, return_layer_states=True)
         result = self.weak_ar.dependence(labels, decoded.layer_states, frame_mask, self.model.shared)
         self.train(was_training)
         return result
 
+    def nar_inputs(self, input_ids, attention_mask, inputs_embeds, labels, output_attentions=False,
+                   output_hidden_states=False):
+        """Encode, then the decoder inputs (`WeakNATModel.decoder_inputs`; vanilla: at the labels' lengths, the labels
+        cut to them) -> (encoder outputs, source mask, inputs, mask, length logits, labels)."""
+        encoder_outputs, source_mask = self.model.encode(input_ids, attention_mask, inputs_embeds, output_attentions,
+                                                         output_hidden_states)
+        lengths = None if labels is None or self.config.is_ctc else (labels != -100).sum(1)
+        frames, frame_mask, length_logits = self.model.decoder_inputs(
+            encoder_outputs.last_hidden_state, source_mask, input_ids, inputs_embeds, lengths)
+        labels = labels if lengths is None else labels[:, : frames.shape[1]]
+        return encoder_outputs, source_mask, frames, frame_mask, length_logits, labels
+
     def check_labels(self, labels):
         """Map pad to -100, and reject left padding, blanks and targets longer than the weak AR positions."""
         labels = labels.masked_fill(labels == self.config.pad_token_id, -100)
         check_right_padded(labels != -100, "labels")
-        if (labels == self.config.blank_token_id).any():
+        if self.config.is_ctc and (labels == self.config.blank_token_id).any():
             raise ValueError(f"labels contain the CTC blank id {self.config.blank_token_id}")
         if labels.shape[1] > self.config.max_frames:
             raise ValueError(f"labels have {labels.shape[1]} tokens; the model allows at most {self.config.max_frames}")
+        if not self.config.is_ctc and not (labels != -100).any(1).all():
+            raise ValueError("Every label row needs at least one token (a vanilla NAR decodes at least one position)")
         return labels
 
     def glance(self, frames, frame_mask, encoder_states, source_mask, labels, training_step):
@@ -378,22 +384,30 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
                 f"Glancing without `training_step` (transformers' Trainer does not pass it): the glancing ratio stays "
                 f"at glancing_start_ratio={self.config.glancing_start_ratio} instead of annealing to "
                 f"{self.config.glancing_end_ratio}. Pass forward(..., training_step=step) to follow the schedule.")
-        return glancing_frame_inputs(frames, frame_mask, guess, labels, self.config.glancing_ratio(training_step),
-                                     self.config.blank_token_id, self.model.shared)
+        ratio = self.config.glancing_ratio(training_step)
+        if not self.config.is_ctc:  # the reference itself, position by position
+            return glancing_target_inputs(frames, frame_mask, guess, labels, ratio, self.model.shared)
+        return glancing_frame_inputs(frames, frame_mask, guess, labels, ratio, self.config.blank_token_id,
+                                     self.model.shared)
 
     def loss_terms(self, logits, frame_mask, labels, layer_states, encoder_states, source_mask,
-                   nar_weight: float) -> dict:
-        """The named training losses: `ctc_loss`, `ar_loss` (when `layer_states` are given) and their `loss`.
+                   nar_weight: float, length_logits=None) -> dict:
+        """The named training losses: `ctc_loss` (CTC) or `token_loss` and `length_loss` (vanilla), `ar_loss` (when
+        `layer_states` are given) and their `loss`.
 
         layer_states: the NAR decoder layers' outputs, which the weak AR decoders read (`weak_ar.py`).
         """
         cfg = self.config
-        ctc, fits = ctc_loss(logits, frame_mask, labels, cfg.blank_token_id)
-        terms = {"loss": ctc, "ctc_loss": ctc, "num_unfit_pairs": (~fits).sum()}
+        if cfg.is_ctc:
+            nar, fits = ctc_loss(logits, frame_mask, labels, cfg.blank_token_id)
+            terms = {"loss": nar, "ctc_loss": nar, "num_unfit_pairs": (~fits).sum()}
+        else:  # length_prediction.py
+            terms = vanilla_loss_terms(logits, labels, length_logits, source_mask, frame_mask, cfg)
+            nar = terms["loss"]
         if layer_states is not None:
             memories = self.weak_ar.memories(layer_states, frame_mask, encoder_states, source_mask)
             terms["ar_loss"] = self.weak_ar.loss(labels, memories, self.model.shared)
-            terms["loss"] = multitask_loss(ctc, terms["ar_loss"], nar_weight)
+            terms["loss"] = multitask_loss(nar, terms["ar_loss"], nar_weight)
         return terms
 
     def adjust_generation_fn(self, *args, **kwargs):
@@ -414,27 +428,34 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
         self.generation_config._from_model_config = False
 
     @torch.no_grad()
-    def generate(self, inputs=None, generation_config=None, synced_gpus=None, beam_token_candidates=None, **kwargs):
+    def generate(self, inputs=None, generation_config=None, synced_gpus=None, beam_token_candidates=None,
+                 drop_repeats=None, **kwargs):
         r"""Translate in one forward pass, with transformers' `generate` arguments, config and output classes.
 
         inputs / input_ids (`torch.LongTensor` of shape `(batch, src_len)`): right-padded source with
             `attention_mask` (`tokenizer(texts, padding=True, return_tensors="pt")`), or `inputs_embeds`.
         generation_config (`GenerationConfig`, optional): overrides `self.generation_config` (saved with every
             export as `generation_config.json`); keyword arguments override both.
-        beam_token_candidates (`int`, optional): tokens tried per frame by beam search (default `2 * num_beams`).
+        beam_token_candidates (`int`, optional): CTC: tokens tried per frame by beam search (default `2 * num_beams`).
+        drop_repeats (`bool`, optional): vanilla: merge adjacent identical output tokens (default: the generation
+            config's `drop_repeats`, else `config.drop_repeats`, False).
 
         `num_beams=1`: each valid frame's argmax, repeats collapsed, blanks dropped; `num_beams > 1`: CTC prefix beam
-        search; `do_sample=True`: each frame drawn from its warped distribution, then collapsed. A one-pass model
+        search; `do_sample=True`: each frame drawn from its warped distribution, then collapsed. Vanilla: the most
+        probable length, one argmax per position (`num_beams > 1`: the length beam, the `num_beams` most probable
+        lengths decoded at once, ranked by average log-probability; `do_sample=True`: each position drawn at the
+        most probable length). A one-pass model
         does not stop early: the frames fix the length, `max_length` / `max_new_tokens` only truncate. An empty
         sentence (`</s>` alone) translates to an empty sequence. README.md ("Generation arguments") lists them all.
 
         Returns: `torch.LongTensor` (batch * num_return_sequences, len), right-padded with `pad_token_id`, or with
         `return_dict_in_generate=True` a `GenerateEncoderDecoderOutput` / `GenerateBeamEncoderDecoderOutput`
-        (`sequences_scores`: CTC prefix log-probabilities, best first; `scores` / `logits`: one (batch, vocab)
-        tensor per frame, frames past the source's are padding).
+        (`sequences_scores`: CTC prefix log-probabilities or vanilla average log-probabilities, best first; `scores`
+        / `logits`: one (batch, vocab) tensor per frame (vanilla beam: (batch * num_beams, vocab)), frames past the
+        source's are padding).
         """
         request = prepare_generation(self, inputs, generation_config, kwargs)
-        if self.config.blank_token_id in request.suppressed_token_ids:
+        if self.config.is_ctc and self.config.blank_token_id in request.suppressed_token_ids:
             raise ValueError(f"The CTC blank (id {self.config.blank_token_id}) cannot be suppressed: every CTC "
                              "output needs it")
         if request.is_empty:
@@ -443,6 +464,8 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
         encoder_outputs, source_mask = self.model.encode(request.input_ids, request.attention_mask,
                                                          request.inputs_embeds, request.output_attentions,
                                                          request.output_hidden_states)
+        if not self.config.is_ctc:  # length_prediction.py
+            return vanilla_generate(self, request, encoder_outputs, source_mask, drop_repeats)
         outputs = self.model(attention_mask=source_mask, encoder_outputs=encoder_outputs,
                              output_attentions=request.output_attentions,
                              output_hidden_states=request.output_hidden_states)
@@ -456,12 +479,15 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
         """The frames that may emit: those of real source tokens, none for a source without a content token (an
         empty sentence is just `</s>`: its translation is defined as empty)."""
         frame_mask = self.frame_mask(source_mask)
+        return frame_mask if input_ids is None else frame_mask & self.has_content(input_ids, source_mask)[:, None]
+
+    def has_content(self, input_ids, source_mask):
+        """(batch,) bool: the source holds a token other than pad, bos and eos."""
         if input_ids is None:
-            return frame_mask
+            return source_mask.bool().any(1)
         special = [t for t in (self.config.pad_token_id, self.config.bos_token_id, self.config.eos_token_id)
                    if t is not None]
-        content = source_mask.bool() & ~torch.isin(input_ids, input_ids.new_tensor(special))
-        return frame_mask & content.any(1, keepdim=True)
+        return (source_mask.bool() & ~torch.isin(input_ids, input_ids.new_tensor(special))).any(1)
 
     def ctc_decode(self, request, hidden, frame_mask, beam_token_candidates=None):
         """CTC head and decoding of the decoder frames `hidden` (batch, frames, d) as `request` asks: greedy, sampling

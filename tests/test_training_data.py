@@ -92,7 +92,7 @@ def test_unfit_and_overlong_pairs_are_dropped_and_counted(tmp_path, tokenizer):
     kept, counts = data.drop_unfit_pairs(tokenized)
     assert counts == {"kept": expected.count(data.FITS), "source_too_long": expected.count(data.SOURCE_TOO_LONG),
                       "target_does_not_fit": expected.count(data.TARGET_DOES_NOT_FIT), "empty_source": 0,
-                      "invalid_utf8": 0}
+                      "invalid_utf8": 0, "length_offset_out_of_range": 0}
     assert len(kept) == counts["kept"] and set(kept["fit"]) == {data.FITS}
     assert all(len(t) + sum(a == b for a, b in zip(t, t[1:])) <= 2 * len(s) for s, t in zip(kept["input_ids"],
                                                                                               kept["labels"]))

@@ -264,7 +264,7 @@ def test_an_empty_source_has_its_own_label(tmp_path, tokenizer_dir):
     assert tokenized["fit"] == [data.FITS, data.EMPTY_SOURCE, data.EMPTY_SOURCE, data.FITS]
     _, counts = data.drop_unfit_pairs(tokenized)
     assert counts == {"kept": 2, "source_too_long": 0, "target_does_not_fit": 0, "empty_source": 2,
-                      "invalid_utf8": 0}
+                      "invalid_utf8": 0, "length_offset_out_of_range": 0}
 
 
 def test_the_model_card_names_every_reason_a_pair_was_left_out():

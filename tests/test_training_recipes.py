@@ -21,7 +21,8 @@ NAR_RECIPES = [r for r in RECIPES if r != "multi30k_teacher.yaml"]
 CHOICES = {"activation_function": configuration_weaknat.ACTIVATIONS,
            "upsample_method": configuration_weaknat.UPSAMPLE_METHODS,
            "weak_ar_loss_reduction": configuration_weaknat.WEAK_AR_LOSS_REDUCTIONS,
-           "init_scheme": configuration_weaknat.INIT_SCHEMES}
+           "init_scheme": configuration_weaknat.INIT_SCHEMES, "nar_type": configuration_weaknat.NAR_TYPES,
+           "decoder_input": configuration_weaknat.DECODER_INPUTS}
 
 
 class VocabularyOf:

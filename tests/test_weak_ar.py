@@ -14,7 +14,14 @@ from hf_weaknat.layers import WeakNATDecoderLayer
 from hf_weaknat.weak_ar import Memory, WeakARDecoder, WeakARDecoders, multitask_loss, shift_tokens_right
 
 SOURCES = [[7, 8, 9, 10, 11, 2], [12, 13, 2], [14, 15, 16, 2]]
+# The structural tests run for both NAR types: one weak_ar.py serves CTC frames and vanilla target positions alike
+BOTH = pytest.mark.parametrize("nar_type", ["ctc", "vanilla"])
 TARGETS = [[20, 21, 22, 23, 2], [24, 2], [25, 25, 26, 2]]
+
+
+def nar_loss(out):
+    """The NAR loss that lambda weighs: CTC's, or the vanilla NAR's token + length_loss_factor * length loss."""
+    return out.ctc_loss if out.ctc_loss is not None else out.token_loss + 0.1 * out.length_loss
 
 
 def one_weak_decoder(config) -> WeakARDecoder:
@@ -71,9 +78,11 @@ def test_a_memory_can_have_any_length_and_its_masked_positions_never_change_the_
     assert states.grad.abs().sum() > 0  # no detach: the NAR states learn from the weak decoder
 
 
-def test_weak_ar_decoders_read_only_nar_layer_states_never_the_encoder():
+@BOTH
+def test_weak_ar_decoders_read_only_nar_layer_states_never_the_encoder(nar_type):
     torch.manual_seed(0)
-    model = WeakNATForConditionalGeneration(tiny_config(weak_ar_layer_sample_ratio=1.0, dropout=0.0)).train()
+    model = WeakNATForConditionalGeneration(tiny_config(nar_type=nar_type, weak_ar_layer_sample_ratio=1.0,
+                                                        dropout=0.0)).train()
     memories, out = reads_of(model, output_hidden_states=True)
     (memory,) = memories  # shared parameters: the four partners run as one batch
     partners = memory.split(3)  # batch of 3 sentences per partner
@@ -86,9 +95,11 @@ def test_weak_ar_decoders_read_only_nar_layer_states_never_the_encoder():
         assert not torch.equal(read[:, : encoder.shape[1]], encoder)
 
 
-def test_optional_encoder_partner_reads_the_encoder_output():
+@BOTH
+def test_optional_encoder_partner_reads_the_encoder_output(nar_type):
     torch.manual_seed(0)
-    model = WeakNATForConditionalGeneration(tiny_config(weak_ar_on_encoder=True, weak_ar_share_parameters=False,
+    model = WeakNATForConditionalGeneration(tiny_config(nar_type=nar_type, weak_ar_on_encoder=True,
+                                                        weak_ar_share_parameters=False,
                                                         weak_ar_layer_sample_ratio=0.25)).train()
     memories, out = reads_of(model, output_hidden_states=True)
     assert len(memories) == 2  # one sampled NAR layer + the encoder's partner
@@ -114,8 +125,10 @@ def test_with_sharing_the_encoder_partner_joins_the_batch_padded_under_its_mask(
 
 
 @pytest.mark.parametrize("ratio,partners", [(0.25, 1), (0.5, 2), (0.75, 3), (1.0, 4)])
-def test_each_step_uses_the_configured_number_of_partners(ratio, partners):
-    model = WeakNATForConditionalGeneration(tiny_config(decoder_layers=4, weak_ar_layer_sample_ratio=ratio,
+@BOTH
+def test_each_step_uses_the_configured_number_of_partners(ratio, partners, nar_type):
+    model = WeakNATForConditionalGeneration(tiny_config(nar_type=nar_type, decoder_layers=4,
+                                                        weak_ar_layer_sample_ratio=ratio,
                                                         weak_ar_share_parameters=False)).train()
     for _ in range(5):
         memories, _ = reads_of(model)
@@ -141,25 +154,28 @@ def test_the_states_the_partners_read_stay_internal_unless_hidden_states_are_ask
     assert out.decoder_hidden_states is None and out.encoder_hidden_states is None
 
 
-def test_weak_ar_decoders_are_used_only_in_training():
-    model = WeakNATForConditionalGeneration(tiny_config()).eval()
+@BOTH
+def test_weak_ar_decoders_are_used_only_in_training(nar_type):
+    model = WeakNATForConditionalGeneration(tiny_config(nar_type=nar_type)).eval()
     memories, out = reads_of(model)
-    assert memories == [] and out.ar_loss is None and torch.equal(out.loss, out.ctc_loss)
+    assert memories == [] and out.ar_loss is None and torch.equal(out.loss, nar_loss(out))
 
 
 # ---------------------------------------------------------------------------------------------------------- loss
 
 
 @pytest.mark.parametrize("weight", [0.0, 0.3, 0.5, 1.0])
-def test_loss_is_lambda_weighted_sum_of_ctc_and_weak_ar_losses(weight):
+@BOTH
+def test_loss_is_lambda_weighted_sum_of_ctc_and_weak_ar_losses(weight, nar_type):
     torch.manual_seed(0)
-    model = WeakNATForConditionalGeneration(tiny_config(nar_loss_weight=weight)).train()
+    model = WeakNATForConditionalGeneration(tiny_config(nar_type=nar_type, nar_loss_weight=weight)).train()
     out = model(**batch_of(SOURCES, TARGETS))
-    torch.testing.assert_close(out.loss, weight * out.ctc_loss + (1 - weight) * out.ar_loss)
+    torch.testing.assert_close(out.loss, weight * nar_loss(out) + (1 - weight) * out.ar_loss)
 
 
-def test_with_lambda_one_weak_ar_decoders_get_no_gradient():
-    model = WeakNATForConditionalGeneration(tiny_config(nar_loss_weight=1.0)).train()
+@BOTH
+def test_with_lambda_one_weak_ar_decoders_get_no_gradient(nar_type):
+    model = WeakNATForConditionalGeneration(tiny_config(nar_type=nar_type, nar_loss_weight=1.0)).train()
     model(**batch_of(SOURCES, TARGETS)).loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in model.weak_ar.parameters())
 
@@ -177,30 +193,35 @@ def test_weak_ar_loss_reduction_sum_is_number_of_partners_times_mean():
     torch.testing.assert_close(sum_loss, 2 * mean_loss)
 
 
-def test_weak_ar_gradients_reach_the_nar_decoder():
+@BOTH
+def test_weak_ar_gradients_reach_the_nar_decoder(nar_type):
     torch.manual_seed(0)
-    model = WeakNATForConditionalGeneration(tiny_config(nar_loss_weight=0.0, weak_ar_layer_sample_ratio=1.0)).train()
+    model = WeakNATForConditionalGeneration(tiny_config(nar_type=nar_type, nar_loss_weight=0.0,
+                                                        weak_ar_layer_sample_ratio=1.0)).train()
     model(**batch_of(SOURCES, TARGETS)).loss.backward()  # the AR loss alone
     for layer in model.model.decoder.layers:
         assert layer.ffn.sublayer.fc2.weight.grad.abs().sum() > 0
-    assert model.model.upsampler.proj.weight.grad.abs().sum() > 0
+    if nar_type == "ctc":
+        assert model.model.upsampler.proj.weight.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------------------------------------- cost
 
 
-def test_sharing_adds_exactly_one_weak_decoders_parameters():
-    plain = count(WeakNATForConditionalGeneration(tiny_config(weak_ar_layers=0)))
-    shared = count(WeakNATForConditionalGeneration(tiny_config(weak_ar_share_parameters=True)))
-    separate = count(WeakNATForConditionalGeneration(tiny_config(weak_ar_share_parameters=False)))
-    with_encoder = count(WeakNATForConditionalGeneration(tiny_config(weak_ar_share_parameters=False,
+@BOTH
+def test_sharing_adds_exactly_one_weak_decoders_parameters(nar_type):
+    plain = count(WeakNATForConditionalGeneration(tiny_config(nar_type=nar_type, weak_ar_layers=0)))
+    shared = count(WeakNATForConditionalGeneration(tiny_config(nar_type=nar_type, weak_ar_share_parameters=True)))
+    separate = count(WeakNATForConditionalGeneration(tiny_config(nar_type=nar_type, weak_ar_share_parameters=False)))
+    with_encoder = count(WeakNATForConditionalGeneration(tiny_config(nar_type=nar_type, weak_ar_share_parameters=False,
                                                                      weak_ar_on_encoder=True)))
-    one = count(one_weak_decoder(tiny_config()))
+    one = count(one_weak_decoder(tiny_config(nar_type=nar_type)))
     assert shared - plain == one
     assert separate - plain == 4 * one  # one per NAR decoder layer
     assert with_encoder - plain == 5 * one
-    three_layers = count(one_weak_decoder(tiny_config(weak_ar_layers=3)))
-    assert count(WeakNATForConditionalGeneration(tiny_config(weak_ar_layers=3))) - plain == three_layers > one
+    three_layers = count(one_weak_decoder(tiny_config(nar_type=nar_type, weak_ar_layers=3)))
+    three_layer_model = WeakNATForConditionalGeneration(tiny_config(nar_type=nar_type, weak_ar_layers=3))
+    assert count(three_layer_model) - plain == three_layers > one
 
 
 def test_base_size_parameter_counts_follow_the_architecture():
@@ -222,9 +243,10 @@ def test_base_size_parameter_counts_follow_the_architecture():
 # Beyond the paper: the partner-dependence diagnostic, the warm-in and the detached embedding
 
 
-def test_dependence_compares_each_partner_on_its_own_sentences_states_with_another_sentences():
+@BOTH
+def test_dependence_compares_each_partner_on_its_own_sentences_states_with_another_sentences(nar_type):
     torch.manual_seed(0)
-    model = WeakNATForConditionalGeneration(tiny_config(dropout=0.0)).eval()
+    model = WeakNATForConditionalGeneration(tiny_config(nar_type=nar_type, dropout=0.0)).eval()
     batch = batch_of(SOURCES, TARGETS)
     found = model.weak_ar_dependence(**batch)
     assert found["own"].shape == found["other"].shape == (4,)  # one partner per NAR layer, none sampled away
@@ -244,17 +266,19 @@ def test_dependence_compares_each_partner_on_its_own_sentences_states_with_anoth
     assert torch.equal(deaf["own"], deaf["other"])
 
 
-def test_warm_in_ramps_the_nar_loss_weight_from_one_with_no_partner_at_first():
+@BOTH
+def test_warm_in_ramps_the_nar_loss_weight_from_one_with_no_partner_at_first(nar_type):
     torch.manual_seed(0)
-    model = WeakNATForConditionalGeneration(tiny_config(dropout=0.0, weak_ar_warmup_steps=100)).train()
+    model = WeakNATForConditionalGeneration(tiny_config(nar_type=nar_type, dropout=0.0,
+                                                        weak_ar_warmup_steps=100)).train()
     batch = batch_of(SOURCES, TARGETS)
     start = model(**batch, training_step=0)
-    assert start.ar_loss is None and torch.equal(start.loss, start.ctc_loss)  # partners off at the start
+    assert start.ar_loss is None and torch.equal(start.loss, nar_loss(start))  # partners off at the start
     torch.manual_seed(1)
     halfway = model(**batch, training_step=50)
-    torch.testing.assert_close(halfway.loss, 0.75 * halfway.ctc_loss + 0.25 * halfway.ar_loss)
+    torch.testing.assert_close(halfway.loss, 0.75 * nar_loss(halfway) + 0.25 * halfway.ar_loss)
     after = model(**batch, training_step=1000)
-    torch.testing.assert_close(after.loss, 0.5 * after.ctc_loss + 0.5 * after.ar_loss)
+    torch.testing.assert_close(after.loss, 0.5 * nar_loss(after) + 0.5 * after.ar_loss)
 
 
 def test_a_detached_embedding_gets_no_gradient_from_the_partners():

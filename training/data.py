@@ -6,8 +6,9 @@ Every split comes out with two string columns, `source` and `target`, whatever t
 - a local directory holding, per split, `<split>.<src>` + `<split>.<tgt>` (one sentence per line, aligned),
   or `<split>.jsonl` / `<split>.parquet` with a `translation` column, or `<split>.tsv` whose header names the
   two languages.
-Training pairs that cannot train (empty source, source too long, target unable to fit the CTC frames, and with
-`invalid_utf8="skip"` a line of a two-file corpus that is not UTF-8) are dropped and counted, each under its own label.
+Training pairs that cannot train (empty source, source too long, target unable to fit the CTC frames or the vanilla
+decoder's positions, a vanilla length offset outside the length classifier's range, and with `invalid_utf8="skip"` a
+line of a two-file corpus that is not UTF-8) are dropped and counted, each under its own label.
 Data that cannot be read raises a DataError naming the file, the line or row, and what is wrong.
 """
 
@@ -29,9 +30,10 @@ from hf_weaknat.ctc import ctc_min_frames
 
 # Reasons a training pair is left out (stored per example in the `fit` column), and their labels in the data report
 # (`data_stats.json`, the log line, the model card)
-FITS, SOURCE_TOO_LONG, TARGET_DOES_NOT_FIT, EMPTY_SOURCE, INVALID_UTF8 = 0, 1, 2, 3, 4
+FITS, SOURCE_TOO_LONG, TARGET_DOES_NOT_FIT, EMPTY_SOURCE, INVALID_UTF8, LENGTH_OFFSET_OUT_OF_RANGE = 0, 1, 2, 3, 4, 5
 REASONS = {FITS: "kept", SOURCE_TOO_LONG: "source_too_long", TARGET_DOES_NOT_FIT: "target_does_not_fit",
-           EMPTY_SOURCE: "empty_source", INVALID_UTF8: "invalid_utf8"}
+           EMPTY_SOURCE: "empty_source", INVALID_UTF8: "invalid_utf8",
+           LENGTH_OFFSET_OUT_OF_RANGE: "length_offset_out_of_range"}
 TEXT_PAIR = Features({"source": Value("string"), "target": Value("string")})
 FILE_BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "tsv": "csv"}
 
@@ -155,13 +157,14 @@ def count_lines(path: str) -> int:
 
 
 def tokenize_pairs(dataset, tokenizer, upsample_ratio: int | None, max_source_tokens: int,
-                   for_evaluation: bool = False):
+                   for_evaluation: bool = False, max_length_offset: int | None = None):
     """Add `input_ids`, `labels`, `length` (the batching cost: longer side) and `fit` (FITS or the reason the pair
     cannot train) with a batched map.
 
     The map is cached by `datasets` (fingerprint of data + tokenizer + arguments), so a rerun skips it.
     Training sets drop the text columns; evaluation sets keep them (references) and truncate sources to the
-    model's positions instead of marking them, so every sentence gets a translation.
+    model's positions instead of marking them, so every sentence gets a translation. `upsample_ratio` and
+    `max_length_offset` select the fit rule (`fit_reason`).
     """
     kwargs = {}
     if isinstance(dataset, Dataset):  # a stream is tokenized lazily and never cached
@@ -169,37 +172,45 @@ def tokenize_pairs(dataset, tokenizer, upsample_ratio: int | None, max_source_to
             # datasets hashes an importable function by its name, not its code: without the source, an edited
             # data.py would silently reuse the old cache
             dataset._fingerprint, inspect.getsource(_tokenize_batch), inspect.getsource(fit_reason), tokenizer,
-            upsample_ratio, max_source_tokens, for_evaluation])}
+            upsample_ratio, max_source_tokens, for_evaluation, max_length_offset])}
     return dataset.map(_tokenize_batch, batched=True, remove_columns=None if for_evaluation else ["source", "target"],
                        fn_kwargs={"tokenizer": tokenizer, "upsample_ratio": upsample_ratio,
-                                  "max_source_tokens": max_source_tokens, "truncate": for_evaluation}, **kwargs)
+                                  "max_source_tokens": max_source_tokens, "truncate": for_evaluation,
+                                  "max_length_offset": max_length_offset}, **kwargs)
 
 
-def _tokenize_batch(batch, tokenizer, upsample_ratio, max_source_tokens, truncate):
+def _tokenize_batch(batch, tokenizer, upsample_ratio, max_source_tokens, truncate, max_length_offset=None):
     source_limit = {"truncation": True, "max_length": max_source_tokens} if truncate else {}
     target_limit = {"truncation": True, "max_length": (upsample_ratio or 1) * max_source_tokens} if truncate else {}
     unreadable = [s is None or t is None for s, t in zip(batch["source"], batch["target"])]  # invalid_utf8="skip"
     sources = tokenizer([s or "" for s in batch["source"]], **source_limit)["input_ids"]
     targets = tokenizer([t or "" for t in batch["target"]], **target_limit)["input_ids"]
     fit = [INVALID_UTF8 if bad else EMPTY_SOURCE if not text.strip() else fit_reason(s, t, upsample_ratio,
-                                                                                      max_source_tokens)
+                                                                                      max_source_tokens,
+                                                                                      max_length_offset)
            for bad, text, s, t in zip(unreadable, batch["source"], sources, targets)]
     return {"input_ids": sources, "labels": targets, "length": [max(len(s), len(t)) for s, t in zip(sources, targets)],
             "fit": fit}
 
 
 def fit_reason(source_ids: list[int], target_ids: list[int], upsample_ratio: int | None,
-               max_source_tokens: int) -> int:
+               max_source_tokens: int, max_length_offset: int | None = None) -> int:
     """Why a pair cannot train, or FITS.
 
     CTC emits a target of n tokens with r adjacent repeats only if it has at least n + r frames (a blank must
-    separate repeats), and the model has `upsample_ratio` frames per source token. `upsample_ratio=None` is an
-    autoregressive model (the Marian baseline): its target only has to fit its `max_source_tokens` positions.
+    separate repeats), and the model has `upsample_ratio` frames per source token. `upsample_ratio=None` is a model
+    with one decoder position per target token, `max_source_tokens` of them: the Marian baseline, or with
+    `max_length_offset` a vanilla NAR, whose length classifier also needs `|tgt_len - src_len| <= max_length_offset`
+    (LENGTH_OFFSET_OUT_OF_RANGE otherwise).
     """
     if len(source_ids) > max_source_tokens:
         return SOURCE_TOO_LONG
     if upsample_ratio is None:
-        return TARGET_DOES_NOT_FIT if len(target_ids) > max_source_tokens else FITS
+        if len(target_ids) > max_source_tokens:
+            return TARGET_DOES_NOT_FIT
+        if max_length_offset is not None and abs(len(target_ids) - len(source_ids)) > max_length_offset:
+            return LENGTH_OFFSET_OUT_OF_RANGE
+        return FITS
     needed = ctc_min_frames(torch.tensor([target_ids]), torch.tensor([len(target_ids)])).item()
     if needed > upsample_ratio * len(source_ids):
         return TARGET_DOES_NOT_FIT
@@ -306,20 +317,27 @@ def tokenize_evaluation_splits(accelerator, splits: dict, tokenizer, config) -> 
     """`config`: the model's (a WeakNATConfig, or the Marian baseline's MarianConfig)."""
     with accelerator.main_process_first():  # the main process fills the map cache, the others read it
         return {name: tokenize_pairs(split, tokenizer, frames_per_token(config), config.max_position_embeddings,
-                                     for_evaluation=True)
+                                     for_evaluation=True, max_length_offset=length_offset_range(config))
                 for name, split in splits.items()}
 
 
 def frames_per_token(config) -> int | None:
-    """CTC frames per source token, or None for the autoregressive baseline (no frames to fit)."""
-    return config.upsample_ratio if config.model_type == "weaknat" else None
+    """CTC frames per source token, or None for the autoregressive baseline and the vanilla NAR (no frames to fit:
+    one decoder position per target token)."""
+    return config.upsample_ratio if config.model_type == "weaknat" and config.nar_type == "ctc" else None
+
+
+def length_offset_range(config) -> int | None:
+    """The vanilla NAR's largest |tgt_len - src_len| its length classifier can name, else None."""
+    return config.max_length_offset if config.model_type == "weaknat" and config.nar_type == "vanilla" else None
 
 
 def tokenize_training_split(accelerator, train, tokenizer, config):
     """Tokenize, then drop (and count) pairs that are too long or whose target cannot fit the CTC frames."""
     limit = config.max_position_embeddings
     with accelerator.main_process_first():
-        train = tokenize_pairs(train, tokenizer, frames_per_token(config), limit)
+        train = tokenize_pairs(train, tokenizer, frames_per_token(config), limit,
+                               max_length_offset=length_offset_range(config))
     if not isinstance(train, Dataset):
         stream_counts = StreamFilterCounts()
         return stream_counts.apply(train), stream_counts.counts  # the counts fill up as the stream is read
@@ -329,6 +347,7 @@ def tokenize_training_split(accelerator, train, tokenizer, config):
     if counts["kept"] == 0:
         raise ValueError(f"No trainable pair left: {counts}")
     also = "".join(f", {counts[label]} {what}" for label, what in (
+        ("length_offset_out_of_range", f"whose length offset is beyond +-{length_offset_range(config)}"),
         ("empty_source", "with an empty source"), ("invalid_utf8", "with a line that is not valid UTF-8"))
         if counts[label])
     accelerator.print(f"Training pairs: {counts['kept']} kept; left out: {counts['source_too_long']} with a source "

@@ -22,7 +22,13 @@ FAMILIES = {
                 "unfit_target": "whose target cannot fit the CTC frames"},
     "marian": {"template": CARDS / "marian_baseline.md", "decoding": "greedy autoregressive",
                "tags": ["autoregressive", "marian", "baseline"], "unfit_target": "with targets over the positions"},
+    # a WeakNAT with nar_type="vanilla" (`family_of`)
+    "weaknat-vanilla": {"template": CARDS / "weaknat_translation.md", "decoding": "greedy vanilla NAR (most probable "
+                        "length, argmax per position, repeats kept)", "tags": ["non-autoregressive", "vanilla-nat",
+                        "length-prediction", "weak-ar-decoders", "custom_code"],
+                        "unfit_target": "with targets over the decoder's positions"},
 }
+NAR_TYPE_TEXT = {"ctc": ("CTC", "CTC"), "vanilla": ("vanilla, with length prediction", "vanilla NAR")}
 SCORE_KEYS = {"sacrebleu": "bleu", "chrf": "chrf"}  # model-index metric type -> key in evaluation's scores
 LANGUAGE_NAMES = {"de": "German", "en": "English", "ro": "Romanian", "fr": "French", "cs": "Czech"}
 
@@ -32,12 +38,19 @@ def dataset_identity(dataset: str) -> tuple[str, bool]:
     return (Path(dataset).name, False) if Path(dataset).is_dir() else (dataset, True)
 
 
+def family_of(config) -> dict:
+    """The FAMILIES entry of a config: by model_type, and for a WeakNAT by its NAR type."""
+    vanilla = config.model_type == "weaknat" and config.nar_type == "vanilla"
+    return FAMILIES["weaknat-vanilla" if vanilla else config.model_type]
+
+
 def method_text(config) -> tuple[str, str]:
     """How the weak AR decoders were used: (one phrase for the summary, details for the training section)."""
     if config.model_type != "weaknat":
         return "", ""
     if config.weak_ar_layers == 0:
-        summary, details = "as a plain CTC model (no weak AR decoders)", "none (plain CTC baseline)"
+        name = NAR_TYPE_TEXT[config.nar_type][1]
+        summary, details = f"as a plain {name} model (no weak AR decoders)", f"none (plain {name} baseline)"
     else:
         summary = "with auxiliary weak autoregressive decoders"
         sharing = "one shared" if config.weak_ar_share_parameters else "one per layer"
@@ -57,7 +70,7 @@ def build_model_card(*, model_name: str, config, num_parameters: int, scores: di
                      learning_curve: str = "learning_curve.png", skipped_steps: int = 0) -> ModelCard:
     """`data`/`training`: the run's data and training arguments as dicts; `scores`: from evaluation.evaluate_split."""
     dataset_name, on_hub = dataset_identity(data["dataset"])
-    family = FAMILIES[config.model_type]
+    family = family_of(config)
     source, target = data["source_lang"], data["target_lang"]
     task = f"Translation {source}→{target}"
     results = [EvalResult(task_type="translation", task_name=task, dataset_type=dataset_name, dataset_name=dataset_name,
@@ -76,7 +89,10 @@ def build_model_card(*, model_name: str, config, num_parameters: int, scores: di
         card_data, template_path=str(family["template"]), model_id=model_name, repo_or_path=repo_or_path,
         source_name=LANGUAGE_NAMES.get(source, source), target_name=LANGUAGE_NAMES.get(target, target),
         source_lang=source, target_lang=target, method_description=summary, weak_ar_text=weak_ar,
-        num_parameters_text=f"{num_parameters:,}", config=config, example_source=example_source.replace('"', '\\"'),
+        num_parameters_text=f"{num_parameters:,}", config=config,
+        nar_type_text=NAR_TYPE_TEXT.get(getattr(config, "nar_type", None), ("", ""))[0],
+        nar_short=NAR_TYPE_TEXT.get(getattr(config, "nar_type", None), ("", ""))[1],
+        example_source=example_source.replace('"', '\\"'),
         dataset_name=dataset_name, dataset_id=data["dataset"] if on_hub else dataset_name,
         dataset_config=data.get("dataset_config"), eval_split=eval_split, distilled=data["distilled"],
         decoding=family["decoding"], bleu=scores["bleu"], chrf=scores["chrf"],
@@ -97,7 +113,8 @@ def filtered_text(filtered: dict, config, family: dict) -> str:
     """The training pairs left out, by reason (data.REASONS' labels; a reason that never occurred is not named)."""
     text = (f"{filtered.get('source_too_long', 0)} with sources over {config.max_position_embeddings} tokens, "
             f"{filtered.get('target_does_not_fit', 0)} {family['unfit_target']}")
-    for label, what in (("empty_source", "with an empty source"), ("invalid_utf8", "that are not valid UTF-8")):
+    for label, what in (("length_offset_out_of_range", "whose length offset is beyond the length classifier's range"),
+                        ("empty_source", "with an empty source"), ("invalid_utf8", "that are not valid UTF-8")):
         if filtered.get(label):
             text += f", {filtered[label]} {what}"
     return text + f" (of {sum(filtered.values())} pairs)"

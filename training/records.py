@@ -38,7 +38,7 @@ def plot_learning_curve(metrics_path: Path, image_path: Path) -> Path:
     valid = [r for r in records if r.get("split") == "validation"]
     figure = Figure(figsize=(10, 3.6))
     loss_axis, score_axis = figure.subplots(1, 2)
-    for key in ("loss", "ctc_loss", "ar_loss"):
+    for key in ("loss", "ctc_loss", "token_loss", "length_loss", "ar_loss"):
         points = [(r["step"], r[key]) for r in train if _is_number(r.get(key))]
         if points:
             loss_axis.plot(*zip(*points), label=f"train {key}")

@@ -1,4 +1,5 @@
-"""Train a CTC non-autoregressive translator with auxiliary weak AR decoders (Wang, Zheng and Huang, EMNLP 2022).
+"""Train a non-autoregressive translator (CTC, or vanilla with `--nar_type vanilla`) with auxiliary weak AR decoders
+(Wang, Zheng and Huang, EMNLP 2022).
 
     accelerate launch training/train.py training/configs/demo.yaml [--max_steps 50 --output_dir runs/x ...]
     python -m training.train training/configs/demo.yaml ...            # the same, as a module

@@ -26,9 +26,13 @@ class TrainingDiverged(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradients."""
 
 
+# The named loss terms logged per step: CTC's, the vanilla NAR's and the weak AR decoders'
+LOSS_TERMS = ("ctc_loss", "token_loss", "length_loss", "ar_loss")
+
+
 def new_window() -> dict:
     """Sums over the optimizer steps since the last log line (`skipped_steps`: updates skipped meanwhile)."""
-    return {"loss": 0.0, "ctc_loss": 0.0, "ar_loss": 0.0, "tokens": 0, "unfit_pairs": 0, "steps": 0,
+    return {"loss": 0.0, **dict.fromkeys(LOSS_TERMS, 0.0), "tokens": 0, "unfit_pairs": 0, "steps": 0,
             "skipped_steps": 0}
 
 
@@ -56,8 +60,8 @@ def train_step(accelerator, model, optimizer, scheduler, micro_batches, step: in
         loss = out.loss.item()
         finite_loss = finite_loss and math.isfinite(loss)
         totals["loss"] += loss / len(micro_batches)
-        # the AR baseline's output has no CTC/weak-AR terms and no unfit pairs
-        for key in ("ctc_loss", "ar_loss"):
+        # the AR baseline's output has no NAR/weak-AR terms and no unfit pairs
+        for key in LOSS_TERMS:
             term = getattr(out, key, None)
             totals[key] += (term.item() if term is not None else 0.0) / len(micro_batches)
         totals["tokens"] += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
@@ -179,7 +183,7 @@ class Trainer:
 
     def after_step(self, totals: dict):
         step, args = self.state.step, self.args
-        for key in ("loss", "ctc_loss", "ar_loss", "tokens", "unfit_pairs"):
+        for key in ("loss", *LOSS_TERMS, "tokens", "unfit_pairs"):
             self.window[key] += totals[key]
         self.window["steps"] += 1
         if args.logging_steps > 0 and step % args.logging_steps == 0:
@@ -192,15 +196,19 @@ class Trainer:
     def log_training(self, grad_norm):
         acc, window = self.accelerator, self.window
         # one collective for every process's window: mean losses, summed tokens
-        sums = acc.reduce(torch.tensor([window["loss"], window["ctc_loss"], window["ar_loss"], window["tokens"],
-                                        window["unfit_pairs"]], dtype=torch.float64, device=acc.device), "sum")
+        keys = ("loss", *LOSS_TERMS, "tokens", "unfit_pairs")
+        sums = dict(zip(keys, acc.reduce(torch.tensor([window[k] for k in keys], dtype=torch.float64,
+                                                      device=acc.device), "sum").tolist()))
         steps, world, nar = window["steps"], acc.num_processes, self.config.model_type == "weaknat"
-        record = {"split": "train", "step": self.state.step, "epoch": self.state.epoch,
-                  "loss": sums[0].item() / steps / world, "ctc_loss": sums[1].item() / steps / world if nar else None,
-                  "ar_loss": sums[2].item() / steps / world if nar and self.config.weak_ar_layers else None,
+        ctc, vanilla = nar and self.config.nar_type == "ctc", nar and self.config.nar_type == "vanilla"
+        mean = lambda key, logged: sums[key] / steps / world if logged else None  # noqa: E731
+        record = {"split": "train", "step": self.state.step, "epoch": self.state.epoch, "loss": mean("loss", True),
+                  "ctc_loss": mean("ctc_loss", ctc), **({"token_loss": mean("token_loss", True),
+                                                         "length_loss": mean("length_loss", True)} if vanilla else {}),
+                  "ar_loss": mean("ar_loss", nar and self.config.weak_ar_layers),
                   "lr": self.scheduler.get_last_lr()[0],
-                  "tokens_per_s": sums[3].item() / (time.time() - self.window_start),
-                  "unfit_pairs_in_batches": int(sums[4].item()), "grad_norm": grad_norm,
+                  "tokens_per_s": sums["tokens"] / (time.time() - self.window_start),
+                  "unfit_pairs_in_batches": int(sums["unfit_pairs"]), "grad_norm": grad_norm,
                   "skipped_steps": window["skipped_steps"]}
         if self.data_args.streaming:  # a stream's filter counts grow as it is read
             record.update({f"filtered_{k}": v for k, v in self.filtered.items()})

@@ -350,7 +350,7 @@ def describe_setup(args, nar, ar, tokenizer_origin, forced_length) -> dict:
     sizes = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_ffn_dim")
     return {
         "nar": args.nar or "random weights", "ar": args.ar or "random weights",
-        "nar_config": {k: getattr(nar.config, k) for k in sizes + ("upsample_ratio",)},
+        "nar_config": {k: getattr(nar.config, k, None) for k in sizes + ("nar_type", "upsample_ratio")},
         "ar_config": {k: getattr(ar.config, k) for k in sizes},
         "parameters": {"nar": sum(p.numel() for p in nar.parameters()), "ar": sum(p.numel() for p in ar.parameters())},
         "tokenizer": tokenizer_origin or "each model's own",
