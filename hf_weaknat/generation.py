@@ -177,8 +177,22 @@ def prepare_generation(model, inputs, generation_config, kwargs: dict) -> Genera
     batch_size, source_length = check_source(**source, vocab_size=model.config.vocab_size)
 
     check_one_pass_config(config, type(model).__name__)
-    num_beams = config.num_beams
-    num_return_sequences = config.num_return_sequences
+    mode = decoding_mode(config)
+    max_tokens, min_tokens = length_limits(config, mode, has_default_max_length)
+    num_beams, num_return_sequences = config.num_beams, config.num_return_sequences
+
+    pad = config.pad_token_id if config.pad_token_id is not None else model.config.pad_token_id
+    return GenerationRequest(
+        config=config, mode=mode, **source, batch_size=batch_size, source_length=source_length, num_beams=num_beams,
+        num_return_sequences=num_return_sequences, max_tokens=max_tokens, min_tokens=min_tokens, pad_token_id=pad,
+        suppressed_token_ids=suppressed_token_ids(config, model.config.vocab_size),
+        warpers=sampling_warpers(config) if mode == "sample" else [],
+    )
+
+
+def decoding_mode(config: GenerationConfig) -> str:
+    """"greedy", "sample" or "beam", after checking `num_beams`, `num_return_sequences` and `do_sample`."""
+    num_beams, num_return_sequences = config.num_beams, config.num_return_sequences
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"`num_beams` must be a positive integer, got {num_beams!r}")
     if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
@@ -187,15 +201,18 @@ def prepare_generation(model, inputs, generation_config, kwargs: dict) -> Genera
         raise ValueError("`do_sample=True` with `num_beams > 1` (beam sampling) is not supported by this model: "
                          "sample with num_beams=1 (every output position is drawn from its own distribution; "
                          "`num_return_sequences` gives several samples per sentence), or search with do_sample=False")
-    mode = "beam" if num_beams > 1 else "sample" if config.do_sample else "greedy"
+    return "beam" if num_beams > 1 else "sample" if config.do_sample else "greedy"
 
+
+def length_limits(config: GenerationConfig, mode: str, has_default_max_length: bool) -> tuple[int, int]:
+    """(most, fewest) output tokens from `max_length` / `max_new_tokens` and `min_length` / `min_new_tokens`."""
     max_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length
     if not isinstance(max_tokens, int) or max_tokens < 0:
         raise ValueError(f"`max_length` / `max_new_tokens` must be a non-negative integer, got {max_tokens!r}")
     if has_default_max_length:  # as transformers warns (GenerationMixin._validate_generated_length)
         warnings.warn(f"Using the model-agnostic default `max_length` (={config.max_length}) to control the "
                       "generation length. We recommend setting `max_new_tokens` to control the maximum length of the "
-                      "generation.", UserWarning, stacklevel=3)
+                      "generation.", UserWarning, stacklevel=4)
     min_tokens = config.min_new_tokens if config.min_new_tokens is not None else (config.min_length or 0)
     if min_tokens > max_tokens:
         raise ValueError(f"The minimum output length ({min_tokens}, `min_length` / `min_new_tokens`) is larger than "
@@ -207,14 +224,7 @@ def prepare_generation(model, inputs, generation_config, kwargs: dict) -> Genera
     if config.length_penalty not in (None, 1.0):
         logger.warning_once(f"length_penalty={config.length_penalty} has no effect: this model ranks beam hypotheses "
                             "by their full log-probability")
-
-    pad = config.pad_token_id if config.pad_token_id is not None else model.config.pad_token_id
-    return GenerationRequest(
-        config=config, mode=mode, **source, batch_size=batch_size, source_length=source_length, num_beams=num_beams,
-        num_return_sequences=num_return_sequences, max_tokens=max_tokens, min_tokens=min_tokens, pad_token_id=pad,
-        suppressed_token_ids=suppressed_token_ids(config, model.config.vocab_size),
-        warpers=sampling_warpers(config) if mode == "sample" else [],
-    )
+    return max_tokens, min_tokens
 
 
 def check_one_pass_config(config: GenerationConfig, model_name: str):
