@@ -12,8 +12,8 @@ around that decoding lives here and knows nothing about CTC, so any one-pass dec
 3. `finish_generation`: the output: n-best selection, `min_length` ranking, truncation to `max_length` /
    `max_new_tokens`, and transformers' `GenerateEncoderDecoderOutput` / `GenerateBeamEncoderDecoderOutput`.
 
-The model's `generate` runs the network and the decoding in between (CTC: `ctc.py`). Shipped as remote code next to
-the model, so it imports only torch and transformers.
+The model's `generate` runs the network and the decoding in between (CTC: `ctc_generation.py`; vanilla:
+`length_prediction.py`). Shipped as remote code next to the model, so it imports only torch and transformers.
 """
 
 import warnings
@@ -305,6 +305,15 @@ def sampling_warpers(config: GenerationConfig) -> list:
     return warpers
 
 
+def has_content(input_ids, source_mask, config) -> torch.Tensor:
+    """(batch,) bool: the source holds a token other than the config's pad, bos and eos (a source without one
+    translates to an empty sequence)."""
+    if input_ids is None:
+        return source_mask.bool().any(1)
+    special = [t for t in (config.pad_token_id, config.bos_token_id, config.eos_token_id) if t is not None]
+    return (source_mask.bool() & ~torch.isin(input_ids, input_ids.new_tensor(special))).any(1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Position-wise score processing
 
@@ -376,4 +385,5 @@ def finish_generation(request: GenerationRequest, hypotheses: torch.Tensor, hypo
     return GenerateEncoderDecoderOutput(**common)
 
 
-__all__ = ["GenerationRequest", "prepare_generation", "process_scores", "warp_for_sampling", "finish_generation"]
+__all__ = ["GenerationRequest", "prepare_generation", "has_content", "process_scores", "warp_for_sampling",
+           "finish_generation"]

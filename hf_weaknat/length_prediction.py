@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import Seq2SeqModelOutput
 
-from .generation import finish_generation, process_scores, warp_for_sampling
+from .generation import finish_generation, has_content, process_scores, warp_for_sampling
 
 # ----------------------------------------------------------------------------------------------------------------
 # Length prediction
@@ -197,7 +197,7 @@ def vanilla_generate(model, request, encoder_outputs, source_mask, drop_repeats=
     if drop_repeats is None:
         drop_repeats = getattr(request.config, "drop_repeats", None)
     drop = model.config.drop_repeats if drop_repeats is None else drop_repeats
-    content = rows(model.has_content(request.input_ids, source_mask))  # `</s>` alone translates to nothing
+    content = rows(has_content(request.input_ids, source_mask, model.config))  # `</s>` alone translates to nothing
     hypotheses, scores, position_scores = vanilla_decode(request, logits, mask & content[:, None], drop,
                                                          torch.isfinite(length_scores).flatten())
     outputs = Seq2SeqModelOutput(decoder_hidden_states=decoded.hidden_states, decoder_attentions=decoded.attentions,

@@ -4,7 +4,8 @@ Zheng and Huang, EMNLP 2022).
 
 Reading order (the Transformer layers are in `layers.py`, CTC's upsampler in `ctc.py`): encoder, NAR decoder, then
 the public models: `WeakNATModel` (encode, then upsample (CTC) or predict the length (vanilla, `length_prediction.py`)
-and decode) and `WeakNATForConditionalGeneration` (output head, the training losses' wiring, `generate`). Shapes use
+and decode) and `WeakNATForConditionalGeneration` (output head, the training losses' wiring, `generate`, whose CTC
+decoding is in `ctc_generation.py`). Shapes use
 batch, src_len, frames (decoder positions: upsample_ratio * src_len for CTC, the target length for vanilla), tgt_len.
 The paper's weak AR decoders live in `weak_ar.py` and glancing in `glancing.py`; both only run in training, and
 the weak AR decoders exist only while `config.weak_ar_layers > 0` (`export.py` writes a checkpoint without them).
@@ -24,11 +25,9 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import can_return_tuple, logging
 
 from .configuration_weaknat import WeakNATConfig
-from .ctc import (
-    WeakNATUpsampler, collapse_repeats_and_blanks, ctc_greedy_decode, ctc_loss, ctc_prefix_beam_search,
-    ctc_sample_decode,
-)
-from .generation import finish_generation, prepare_generation, process_scores, warp_for_sampling
+from .ctc import WeakNATUpsampler, ctc_loss
+from .ctc_generation import ctc_generate
+from .generation import finish_generation, prepare_generation
 from .glancing import glancing_frame_inputs, glancing_target_inputs
 from .layers import WeakNATDecoderLayer, WeakNATEncoderLayer, WeakNATScaledEmbedding
 from .length_prediction import WeakNATLengthPredictor, vanilla_decoder_inputs, vanilla_generate, vanilla_loss_terms
@@ -157,6 +156,24 @@ def check_right_padded(mask: torch.Tensor, name: str):
         raise ValueError(f"{name} must be right-padded (padding after the tokens); set tokenizer.padding_side='right'")
 
 
+def checked_source_mask(config: WeakNATConfig, input_ids=None, attention_mask=None, inputs_embeds=None):
+    """Validate the source (length, right padding, a token per row) and return its (batch, src_len) mask."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+    batch, src_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    limit = config.max_position_embeddings
+    if src_len > limit:
+        raise ValueError(f"Source has {src_len} tokens but the model has max_position_embeddings={limit}; "
+                         "truncate the input (tokenizer(..., truncation=True, max_length=...))")
+    device = (input_ids if input_ids is not None else inputs_embeds).device
+    if attention_mask is None:
+        return torch.ones(batch, src_len, dtype=torch.long, device=device)
+    check_right_padded(attention_mask, "attention_mask")
+    if src_len and not attention_mask.bool().any(1).all():
+        raise ValueError("Every row needs at least one source token (an empty sentence encodes as '</s>')")
+    return attention_mask
+
+
 class WeakNATModel(WeakNATPreTrainedModel):
     """Encoder + upsampler (CTC) or length predictor (vanilla) + NAR decoder. `last_hidden_state` holds the decoder
     states (batch, frames, d_model): CTC frames, or a vanilla model's positions at its predicted target lengths."""
@@ -180,27 +197,10 @@ class WeakNATModel(WeakNATPreTrainedModel):
             return (*self.upsampler(encoder_states, source_mask), None)
         return vanilla_decoder_inputs(self, encoder_states, source_mask, input_ids, inputs_embeds, target_lengths)
 
-    def source_mask(self, input_ids=None, attention_mask=None, inputs_embeds=None):
-        """Validate the source and return its (batch, src_len) mask."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids and inputs_embeds")
-        batch, src_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        limit = self.config.max_position_embeddings
-        if src_len > limit:
-            raise ValueError(f"Source has {src_len} tokens but the model has max_position_embeddings={limit}; "
-                             "truncate the input (tokenizer(..., truncation=True, max_length=...))")
-        device = (input_ids if input_ids is not None else inputs_embeds).device
-        if attention_mask is None:
-            return torch.ones(batch, src_len, dtype=torch.long, device=device)
-        check_right_padded(attention_mask, "attention_mask")
-        if src_len and not attention_mask.bool().any(1).all():
-            raise ValueError("Every row needs at least one source token (an empty sentence encodes as '</s>')")
-        return attention_mask
-
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=False,
                output_hidden_states=False) -> tuple[BaseModelOutput, torch.Tensor]:
         """Validate, embed and encode the source: -> (encoder outputs, source mask (batch, src_len))."""
-        attention_mask = self.source_mask(input_ids, attention_mask, inputs_embeds)
+        attention_mask = checked_source_mask(self.config, input_ids, attention_mask, inputs_embeds)
         inputs_embeds = self.shared(input_ids) if inputs_embeds is None else inputs_embeds
         return self.encoder(inputs_embeds, attention_mask, output_attentions, output_hidden_states), attention_mask
 
@@ -466,56 +466,7 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
                                                          request.output_hidden_states)
         if not self.config.is_ctc:  # length_prediction.py
             return vanilla_generate(self, request, encoder_outputs, source_mask, drop_repeats)
-        outputs = self.model(attention_mask=source_mask, encoder_outputs=encoder_outputs,
-                             output_attentions=request.output_attentions,
-                             output_hidden_states=request.output_hidden_states)
-        frame_mask = self.output_frame_mask(request.input_ids, source_mask)
-        hypotheses, hypothesis_scores, frame_scores, logits = self.ctc_decode(
-            request, outputs.last_hidden_state, frame_mask, beam_token_candidates)
-        return finish_generation(request, hypotheses, hypothesis_scores, scores=frame_scores, logits=logits,
-                                 encoder_outputs=encoder_outputs, decoder_outputs=outputs)
-
-    def output_frame_mask(self, input_ids, source_mask):
-        """The frames that may emit: those of real source tokens, none for a source without a content token (an
-        empty sentence is just `</s>`: its translation is defined as empty)."""
-        frame_mask = self.frame_mask(source_mask)
-        return frame_mask if input_ids is None else frame_mask & self.has_content(input_ids, source_mask)[:, None]
-
-    def has_content(self, input_ids, source_mask):
-        """(batch,) bool: the source holds a token other than pad, bos and eos."""
-        if input_ids is None:
-            return source_mask.bool().any(1)
-        special = [t for t in (self.config.pad_token_id, self.config.bos_token_id, self.config.eos_token_id)
-                   if t is not None]
-        return (source_mask.bool() & ~torch.isin(input_ids, input_ids.new_tensor(special))).any(1)
-
-    def ctc_decode(self, request, hidden, frame_mask, beam_token_candidates=None):
-        """CTC head and decoding of the decoder frames `hidden` (batch, frames, d) as `request` asks: greedy, sampling
-        or prefix beam search. Returns (hypotheses (batch, k, len), their scores or None, the frame scores decoded
-        and the frame logits (both None when not asked for))."""
-        blank, pad = self.config.blank_token_id, request.pad_token_id
-        config = request.config
-        if request.mode == "greedy" and not (config.output_scores or config.output_logits):
-            # the CTC head on the valid frames only: padded frames cost nothing
-            frame_ids = torch.full(frame_mask.shape, blank, dtype=torch.long, device=hidden.device)
-            frame_ids[frame_mask] = process_scores(request, self.ctc_head(hidden[frame_mask])).argmax(-1)
-            return collapse_repeats_and_blanks(frame_ids, frame_mask, blank, pad)[:, None], None, None, None
-        logits = self.ctc_head(hidden)  # (batch, frames, vocab)
-        frame_scores, scores = process_scores(request, logits), None
-        if request.mode == "greedy":
-            hypotheses = ctc_greedy_decode(frame_scores, frame_mask, blank, pad)[:, None]
-        elif request.mode == "sample":
-            frame_scores, n = warp_for_sampling(request, frame_scores), request.num_return_sequences
-            samples = ctc_sample_decode(frame_scores.repeat_interleave(n, 0), frame_mask.repeat_interleave(n, 0),
-                                        blank, pad)
-            hypotheses = samples.view(request.batch_size, n, samples.shape[1])
-        else:
-            frame_scores = F.log_softmax(frame_scores.float(), -1)
-            candidates = (beam_token_candidates or getattr(config, "beam_token_candidates", None)
-                          or 2 * request.num_beams)
-            hypotheses, scores = ctc_prefix_beam_search(frame_scores, frame_mask.sum(1), blank, pad,
-                                                        request.num_beams, candidates)
-        return hypotheses, scores, frame_scores, logits
+        return ctc_generate(self, request, encoder_outputs, source_mask, beam_token_candidates)
 
 
 __all__ = ["WeakNATPreTrainedModel", "WeakNATModel", "WeakNATForConditionalGeneration", "WeakNATOutput"]
