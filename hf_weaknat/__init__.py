@@ -7,6 +7,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from .configuration_weaknat import WeakNATConfig
 from .export import export_for_hub, push_export_to_hub, strip_weak_decoders
 from .modeling_weaknat import WeakNATForConditionalGeneration, WeakNATModel, WeakNATOutput, WeakNATPreTrainedModel
+from .onnx_runtime import ORTWeakNATForConditionalGeneration, export_onnx
 from .pipeline_weaknat import WeakNATTranslationPipeline
 from .tokenization_weaknat import train_weaknat_tokenizer
 
@@ -26,7 +27,9 @@ __all__ = [
     "WeakNATOutput",
     "WeakNATPreTrainedModel",
     "WeakNATTranslationPipeline",
+    "ORTWeakNATForConditionalGeneration",
     "export_for_hub",
+    "export_onnx",
     "push_export_to_hub",
     "strip_weak_decoders",
     "train_weaknat_tokenizer",

@@ -197,6 +197,30 @@ def test_speed_benchmark_on_exported_models_scores_every_system(exports, tmp_pat
     assert all(entry["ar_forced_steps"] is None for entry in result["batch_sizes"].values())  # a given AR stops itself
 
 
+def test_speed_benchmark_times_onnx_runtime_and_ctranslate2_beside_the_others(exports, tmp_path):
+    """`--onnx --ctranslate2 --int8`: the NAR's ONNX graph and the AR converted by CTranslate2 on the same batches;
+    the engines translate as the models they run (fp32 ONNX: the PyTorch NAR's BLEU; CTranslate2: the AR's)."""
+    pytest.importorskip("ctranslate2", reason="the engines extra is not installed (pip install .[engines])")
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install .[onnx])")
+    out = tmp_path / "speed.json"
+    printed = run([sys.executable, str(EVIDENCE / "benchmark_speed.py"), "--quick", "--threads", "1", "--int8",
+                   "--onnx", "--ctranslate2", "--nar", str(exports["nar"]), "--ar", str(exports["ar"]),
+                   "--bleu_lines", "16", "--json", str(out)]).stdout
+    result = json.loads(out.read_text())["results"]["cpu"]
+    engines = {"nar_onnx_greedy", "nar_onnx_greedy_int8", "ct2_greedy", "ct2_beam", "ct2_greedy_int8", "ct2_beam_int8"}
+    for entry in result["batch_sizes"].values():
+        systems = entry["systems"]
+        assert engines <= set(systems)
+        for row in systems.values():
+            assert row["speedup_vs_ct2_greedy_int8"] == pytest.approx(systems["ct2_greedy_int8"]["median_s"]
+                                                                      / row["median_s"])
+    bleu = {name: score["bleu"] for name, score in result["bleu"].items()}
+    assert engines <= set(bleu)
+    assert bleu["nar_onnx_greedy"] == pytest.approx(bleu["nar_greedy"], abs=1e-9)
+    assert bleu["ct2_greedy"] == pytest.approx(bleu["ar_greedy"], abs=0.3)
+    assert "x CT2 greedy int8" in printed
+
+
 def test_one_tokenizer_function_loads_a_saved_tokenizer_or_trains_one(tokenizer_dir, tmp_path):
     loaded, origin = load_or_train_tokenizer(str(tokenizer_dir), vocab_size=0, save_directory=tmp_path / "copy")
     assert origin == f"loaded from {tokenizer_dir}" and (tmp_path / "copy/tokenizer.json").is_file()
