@@ -55,6 +55,25 @@ def test_a_grid_runs_each_variant_once_and_reports_means_and_paired_p_values(gri
     monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
     again = study.main([str(grid_file), "--grid", "tiny"])
     assert again["variants"]["weak_ar"]["greedy_bleu"] == row["greedy_bleu"]
+    # a variant declared the same run as another grid's (`same_as`) is read from there, not trained again
+    spec = yaml.safe_load(grid_file.read_text())
+    spec["grids"]["reuse"] = {**spec["grids"]["tiny"], "variants": {"ctc": {"same_as": "tiny/ctc"},
+                                                                    "weak_ar": {"same_as": "tiny/weak_ar"}}}
+    grid_file.write_text(yaml.safe_dump(spec))
+    assert study.main([str(grid_file), "--grid", "reuse"])["variants"]["weak_ar"]["greedy_bleu"] == row["greedy_bleu"]
+
+    # a smaller budget rescores the same runs from their checkpoints up to it, without training
+    spec = yaml.safe_load(grid_file.read_text())
+    spec["grids"]["tiny"]["budget"] = 2
+    grid_file.write_text(yaml.safe_dump(spec))
+    study.main([str(grid_file), "--grid", "tiny", "--score_only"])
+    result = json.loads((results / "weak_ar-seed1.json").read_text())
+    assert result["budget"] == 2 and result["test"]["averaged_steps"] == [2]
+    assert [r["step"] for r in result["validation"]] == [2, 4]  # the whole curve stays, for the plateau
+    spec["grids"]["tiny"]["budget"] = 3  # no checkpoint there: the run cannot be scored at that budget
+    grid_file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(RuntimeError, match="no checkpoint at the budget of 3 updates"):
+        study.main([str(grid_file), "--grid", "tiny", "--score_only"])
 
 
 def test_plateau_is_the_first_step_whose_best_bleu_gained_little_over_the_last_quarter():

@@ -5,11 +5,14 @@
 
 A grid file names the recipe, where results go, and its grids (see study_multi30k.yaml). One run is train.py with the
 recipe, the grid's `flags`, the variant's flags and `--seed`, then the average of the run's last `average_last`
-checkpoints (as the paper averages checkpoints), scored on the test split with greedy and beam search: sacreBLEU,
-chrF and the repeated-token rate. Each finished run leaves ONE result file, `<results_dir>/<grid>/<variant>-seed<N>.json`
+checkpoints up to the grid's `budget` (as the paper averages checkpoints), scored on the test split with greedy and
+beam search: sacreBLEU, chrF and the repeated-token rate. The budget defaults to the run's `max_steps`; a run may train
+past it (the inverse square root schedule does not depend on the run's length, so the first `budget` updates of a
+longer run are a run of `budget` updates). Each finished run leaves ONE result file, `<results_dir>/<grid>/<variant>-seed<N>.json`
 (scores, translations, the validation curve with the partner-dependence diagnostic, wall time, machine); a run whose
 result file exists is skipped, so a grid can be finished over several machines: commit the result files, not the
-checkpoints. The same command runs on a GPU (train.py takes the device from accelerate).
+checkpoints. `--score_only` scores runs whose directories are here without training (e.g. after the budget changed).
+The same command runs on a GPU (train.py takes the device from accelerate).
 
 The report (`--report`, also written after every run) reads the result files only: mean ± std over seeds per variant,
 each variant's difference to the grid's `baseline` with sacreBLEU's paired bootstrap p-value for every seed pair,
@@ -25,7 +28,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -52,6 +54,9 @@ def load_grid(grid_file: Path, name: str) -> dict:
 
 
 def result_path(grid: dict, variant: str, seed: int) -> Path:
+    if same_run(grid, variant):
+        other_grid, other_variant = same_run(grid, variant).split("/")
+        return Path(grid["results_dir"]) / other_grid / f"{other_variant}-seed{seed}.json"
     return Path(grid["results_dir"]) / grid["name"] / f"{variant}-seed{seed}.json"
 
 
@@ -79,10 +84,29 @@ def machine() -> dict:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 
+def budget(grid: dict) -> int | None:
+    """The updates each run of the grid counts: `budget` (a run may train past it: its checkpoints up to the budget
+    are the ones scored, as the learning-rate schedule does not depend on the run's length), else `max_steps`."""
+    return grid.get("budget") or grid["flags"].get("max_steps")
+
+
+def scored_checkpoints(grid: dict, run_dir: Path) -> list[Path]:
+    """The run's last `average_last` complete checkpoints at or before the grid's budget."""
+    limit = budget(grid)
+    found = [c for c in select_checkpoints(run_dir, best=0, last=10**9)
+             if limit is None or int(c.name.split("-")[-1]) <= limit]
+    if not found or (limit is not None and int(found[-1].name.split("-")[-1]) != limit):
+        raise RuntimeError(f"{run_dir} has no checkpoint at the budget of {limit} updates (found "
+                           f"{[c.name for c in found]}): train it further before scoring")
+    return found[-grid["average_last"]:]
+
+
 def score_run(grid: dict, run_dir: Path) -> dict:
-    """Average the run's last checkpoints and score the average on the test split, greedy and with beam search."""
-    checkpoints = select_checkpoints(run_dir, best=0, last=grid["average_last"])
-    averaged = average_checkpoints(checkpoints, run_dir / f"average-last{len(checkpoints)}")
+    """Average the run's last checkpoints (up to the budget) and score the average on the test split, greedy and
+    with beam search."""
+    checkpoints = scored_checkpoints(grid, run_dir)
+    steps = [int(c.name.split("-")[-1]) for c in checkpoints]
+    averaged = average_checkpoints(checkpoints, run_dir / f"average-{steps[0]}-{steps[-1]}")
     shutil.copytree(run_dir / "tokenizer", averaged, dirs_exist_ok=True)
     data = json.loads((run_dir / "run_args.json").read_text())["data"]
     split = Path(data["dataset"]) / grid["test_split"]
@@ -94,7 +118,6 @@ def score_run(grid: dict, run_dir: Path) -> dict:
         report = analyze(translations, references)
         scores[name] = {k: report[k] for k in ("bleu", "bleu_signature", "chrf", "chrf_signature", "repetition_rate")}
         scores[name]["translations"] = translations
-    steps = [int(c.name.split("-")[-1]) for c in checkpoints]
     return {"averaged_steps": steps, "test_references": recorded_path(f"{split}.{data['target_lang']}"), **scores}
 
 
@@ -108,23 +131,35 @@ def curves(run_dir: Path) -> dict:
     return {"validation": validation, "train": train}
 
 
-def run_one(grid: dict, variant: str, seed: int) -> Path:
+def run_one(grid: dict, variant: str, seed: int, train: bool = True) -> Path:
+    """Train the run (unless `train` is False: score what its directory holds) and write its result file."""
     run_dir = Path(grid["runs_dir"]) / grid["name"] / f"{variant}-seed{seed}"
-    command = train_command(grid, variant, seed, run_dir)
-    print(f"[study] {grid['name']} / {variant} / seed {seed}: {' '.join(command[1:])}", flush=True)
-    start = time.time()
-    subprocess.run(command, check=True)
-    wall_time = time.time() - start
+    if train:
+        command = train_command(grid, variant, seed, run_dir)
+        print(f"[study] {grid['name']} / {variant} / seed {seed}: {' '.join(command[1:])}", flush=True)
+        subprocess.run(command, check=True)
+    wall_time = wall_time_to_budget(grid, run_dir)
+    trained = json.loads((run_dir / "run_args.json").read_text())["training"]["max_steps"]
     result = {"grid": grid["name"], "variant": variant, "seed": seed, "recipe": grid["recipe"],
-              "flags": {**grid["flags"], **(grid["variants"][variant] or {})}, "train_wall_time_s": round(wall_time),
-              "machine": machine(), **curves(run_dir), "test": score_run(grid, run_dir)}
+              "flags": {**grid["flags"], **(grid["variants"][variant] or {})}, "budget": budget(grid),
+              "trained_max_steps": trained,
+              "train_wall_time_s": round(wall_time), "machine": machine(),
+              **curves(run_dir), "test": score_run(grid, run_dir)}
     path = result_path(grid, variant, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".json.partial")
     partial.write_text(json.dumps(result, indent=1, ensure_ascii=False))
     partial.replace(path)  # a result file exists only once complete
-    print(f"[study] wrote {path} (greedy BLEU {result['test']['greedy']['bleu']:.2f}, {wall_time / 60:.0f} min)")
+    print(f"[study] wrote {path} (greedy BLEU {result['test']['greedy']['bleu']:.2f}, {wall_time / 60:.0f} min to "
+          f"the budget)")
     return path
+
+
+def wall_time_to_budget(grid: dict, run_dir: Path) -> float:
+    """Seconds from the run's start (its `run_args.json`) to its checkpoint at the budget (that checkpoint's
+    `trainer_state.json`, written last), validations and saving included. A resumed run's pause counts too."""
+    checkpoint = scored_checkpoints(grid, run_dir)[-1]
+    return (checkpoint / "trainer_state.json").stat().st_mtime - (run_dir / "run_args.json").stat().st_mtime
 
 
 def plateau_step(validation: list[dict], gain: float = PLATEAU_GAIN) -> int | None:
@@ -142,6 +177,12 @@ def plateau_step(validation: list[dict], gain: float = PLATEAU_GAIN) -> int | No
     return None
 
 
+def validation_at_budget(result: dict) -> list[dict]:
+    """A result's validation records up to its budget (a run may have trained past it)."""
+    limit = result.get("budget")
+    return [v for v in result["validation"] if limit is None or v["step"] <= limit]
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -154,6 +195,12 @@ def paired_bootstrap(references: list[str], baseline: list[str], system: list[st
     test = PairedTest([("baseline", baseline), ("system", system)], {"BLEU": BLEU()}, [references], test_type="bs",
                       n_samples=samples)
     return float(test()[1]["BLEU"][1].p_value)
+
+
+def same_run(grid: dict, variant: str) -> str | None:
+    """`other_grid/variant` when this variant is declared the same run as another grid's (`same_as`): its result
+    files are read from there and nothing is trained twice."""
+    return (grid["variants"][variant] or {}).get("same_as")
 
 
 def load_results(grid: dict) -> dict[str, dict[int, dict]]:
@@ -177,7 +224,7 @@ def summarize(grid: dict, results: dict) -> dict:
         for decoding in ("greedy", beam):
             for metric in ("bleu", "chrf", "repetition_rate"):
                 row[f"{decoding}_{metric}"] = mean_std([r["test"][decoding][metric] for r in runs.values()])
-        gaps = [r["validation"][-1].get("partner_gap") for r in runs.values()]
+        gaps = [validation_at_budget(r)[-1].get("partner_gap") for r in runs.values()]
         row["final_partner_gap"] = mean_std(gaps) if None not in gaps else None
         base_runs = results.get(grid["baseline"], {}) if variant != grid["baseline"] else {}
         if base_runs:
@@ -216,8 +263,8 @@ def markdown(grid: dict, summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, key: str, ylabel: str, path: Path) -> Path | None:
-    """One line per run of the validation records' `key` against the step."""
+def plot(results: dict, key: str, ylabel: str, path: Path, budget_step: int | None = None) -> Path | None:
+    """One line per run of the validation records' `key` against the step (a dotted line at the budget)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7, 4))
@@ -232,6 +279,8 @@ def plot(results: dict, key: str, ylabel: str, path: Path) -> Path | None:
                 drawn = True
     if not drawn:
         return None
+    if budget_step is not None:
+        axes.axvline(budget_step, color="gray", linestyle=":", label=f"budget ({budget_step} updates)")
     axes.set_xlabel("update")
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
@@ -249,8 +298,9 @@ def report(grid: dict) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     table = markdown(grid, summary)
     (out / "README.md").write_text(table)
-    plot(results, "bleu", "validation BLEU", out / "learning_curves.png")
-    plot(results, "partner_gap", "partner loss: other sentence - own (nats/token)", out / "partner_dependence.png")
+    plot(results, "bleu", "validation BLEU", out / "learning_curves.png", budget(grid))
+    plot(results, "partner_gap", "partner loss: other sentence - own (nats/token)", out / "partner_dependence.png",
+         budget(grid))
     print(table)
     return summary
 
@@ -262,6 +312,8 @@ def main(argv=None):
     parser.add_argument("--report", action="store_true", help="only summarize the result files present")
     parser.add_argument("--variants", help="comma-separated: run only these variants")
     parser.add_argument("--seeds", help="comma-separated: run only these seeds")
+    parser.add_argument("--score_only", action="store_true",
+                        help="no training: (re)score the runs whose directories hold checkpoints up to the budget")
     args = parser.parse_args(argv)
     grid = load_grid(args.grid_file, args.grid)
     if not args.report:
@@ -272,10 +324,15 @@ def main(argv=None):
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else grid["seeds"]
         for seed in seeds:  # seed-major: a grid cut short still has complete pairs
             for variant in variants:
-                if result_path(grid, variant, seed).is_file():
+                if same_run(grid, variant):
+                    print(f"[study] {grid['name']} / {variant}: the same run as {same_run(grid, variant)}, "
+                          f"{'read from' if result_path(grid, variant, seed).is_file() else 'not yet in'} "
+                          f"{result_path(grid, variant, seed)}")
+                    continue
+                if result_path(grid, variant, seed).is_file() and not args.score_only:
                     print(f"[study] {grid['name']} / {variant} / seed {seed}: result exists, skipped")
                     continue
-                run_one(grid, variant, seed)
+                run_one(grid, variant, seed, train=not args.score_only)
                 report(grid)
     return report(grid)
 
