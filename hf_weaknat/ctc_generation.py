@@ -33,6 +33,11 @@ def ctc_generate(model, request: GenerationRequest, encoder_outputs, source_mask
                              encoder_outputs=encoder_outputs, decoder_outputs=outputs)
 
 
+def check_blank_not_suppressed(request: GenerationRequest, blank_id: int):
+    if blank_id in request.suppressed_token_ids:
+        raise ValueError(f"The CTC blank (id {blank_id}) cannot be suppressed: every CTC output needs it")
+
+
 def wants_frame_logits(request: GenerationRequest) -> bool:
     """Whether decoding needs every frame's logits (beam search, sampling, returned scores or logits, suppressed
     tokens) rather than just each frame's argmax."""

@@ -26,7 +26,7 @@ from transformers.utils import can_return_tuple, logging
 
 from .configuration_weaknat import WeakNATConfig
 from .ctc import WeakNATUpsampler, ctc_loss
-from .ctc_generation import ctc_generate
+from .ctc_generation import check_blank_not_suppressed, ctc_generate
 from .generation import finish_generation, prepare_generation
 from .glancing import glancing_frame_inputs, glancing_target_inputs
 from .layers import WeakNATDecoderLayer, WeakNATEncoderLayer, WeakNATScaledEmbedding
@@ -455,9 +455,8 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
         source's are padding).
         """
         request = prepare_generation(self, inputs, generation_config, kwargs)
-        if self.config.is_ctc and self.config.blank_token_id in request.suppressed_token_ids:
-            raise ValueError(f"The CTC blank (id {self.config.blank_token_id}) cannot be suppressed: every CTC "
-                             "output needs it")
+        if self.config.is_ctc:
+            check_blank_not_suppressed(request, self.config.blank_token_id)
         if request.is_empty:
             device = (request.input_ids if request.input_ids is not None else request.inputs_embeds).device
             return finish_generation(request, *request.empty_hypotheses(device))

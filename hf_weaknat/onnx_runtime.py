@@ -28,7 +28,7 @@ from torch import nn
 from transformers import AutoTokenizer, GenerationConfig
 
 from .configuration_weaknat import WeakNATConfig
-from .ctc_generation import ctc_decode, emitting_frames, wants_frame_logits
+from .ctc_generation import check_blank_not_suppressed, ctc_decode, emitting_frames, wants_frame_logits
 from .generation import finish_generation, prepare_generation
 from .modeling_weaknat import checked_source_mask
 
@@ -146,7 +146,9 @@ class ORTWeakNATForConditionalGeneration:
 
     def __call__(self, input_ids, attention_mask=None, outputs=OUTPUT_NAMES) -> dict[str, torch.Tensor]:
         """Run the graph after the PyTorch model's source checks: {name: tensor} for the `outputs` asked for."""
-        attention_mask = checked_source_mask(self.config, input_ids, attention_mask)
+        return self.run_graph(input_ids, checked_source_mask(self.config, input_ids, attention_mask), outputs)
+
+    def run_graph(self, input_ids, attention_mask, outputs=OUTPUT_NAMES) -> dict[str, torch.Tensor]:
         feed = {"input_ids": input_ids.long().numpy(), "attention_mask": attention_mask.long().numpy()}
         return dict(zip(outputs, (torch.from_numpy(x) for x in self.session.run(list(outputs), feed))))
 
@@ -157,17 +159,15 @@ class ORTWeakNATForConditionalGeneration:
         if request.inputs_embeds is not None or request.output_attentions or request.output_hidden_states:
             raise ValueError(f"{type(self).__name__} takes input_ids and returns no attentions or hidden states; "
                              "use the PyTorch model for those")
-        if self.config.blank_token_id in request.suppressed_token_ids:
-            raise ValueError(f"The CTC blank (id {self.config.blank_token_id}) cannot be suppressed: every CTC "
-                             "output needs it")
+        check_blank_not_suppressed(request, self.config.blank_token_id)
         if request.is_empty:
             return finish_generation(request, *request.empty_hypotheses(self.device))
         # the graph's argmax saw no logits processors: with any of them, decode from the logits
         argmax_is_enough = not (wants_frame_logits(request) or request.suppressed_token_ids
                                 or request.config.remove_invalid_values)
-        outputs = self(request.input_ids, request.attention_mask,
-                       ("frame_ids", "frame_mask") if argmax_is_enough else ("logits", "frame_mask"))
         source_mask = checked_source_mask(self.config, request.input_ids, request.attention_mask)
+        outputs = self.run_graph(request.input_ids, source_mask,
+                                 ("frame_ids", "frame_mask") if argmax_is_enough else ("logits", "frame_mask"))
         frame_mask = emitting_frames(outputs["frame_mask"], request.input_ids, source_mask, self.config)
         hypotheses, scores, frame_scores = ctc_decode(request, frame_mask, self.config.blank_token_id,
                                                       logits=outputs.get("logits"), frame_ids=outputs.get("frame_ids"),
