@@ -11,7 +11,7 @@ from transformers import pipeline  # noqa: E402 - after the skips: nothing here 
 
 from conftest import read_lines, tiny_config  # noqa: E402
 from hf_weaknat import WeakNATForConditionalGeneration  # noqa: E402
-from hf_weaknat.onnx_runtime import INT8_FILE, ORTWeakNATForConditionalGeneration, export_onnx  # noqa: E402
+from hf_weaknat.onnx_runtime import INT8_FILE, ORTWeakNATForConditionalGeneration, export_onnx, main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +78,14 @@ def test_a_missing_graph_or_a_vanilla_model_is_refused_with_the_reason(tmp_path)
     vanilla = WeakNATForConditionalGeneration(tiny_config(nar_type="vanilla", weak_ar_layers=0))
     with pytest.raises(ValueError, match="exports CTC models"):
         export_onnx(vanilla, tmp_path / "vanilla", quantize=False)
+
+
+def test_the_command_line_exports_a_saved_model_directory(memorized, tokenizer, tmp_path, capsys):
+    model, sources, targets = memorized
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    main([str(tmp_path / "model"), str(tmp_path / "onnx"), "--no_int8"])
+    assert "wrote model.onnx to" in capsys.readouterr().out and not (tmp_path / "onnx" / INT8_FILE).exists()
+    onnx_model = ORTWeakNATForConditionalGeneration.from_pretrained(tmp_path / "onnx", num_threads=1)
+    translator = pipeline("weaknat-translation", model=onnx_model, tokenizer=str(tmp_path / "onnx"))
+    assert [r["translation_text"] for r in translator(sources)] == targets

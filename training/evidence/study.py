@@ -37,7 +37,7 @@ from training.evidence import recorded_path
 from training.evidence.analyze import analyze, read_lines, translate
 from training.records import read_records
 
-PLATEAU_GAIN = 0.3  # BLEU: a curve has flattened once the best score gained less than this over the last quarter
+PLATEAU_GAIN = 0.3  # BLEU: a curve has flattened where its best score gains less than this until the end of the run
 
 
 def load_grid(grid_file: Path, name: str) -> dict:
@@ -163,17 +163,18 @@ def wall_time_to_budget(grid: dict, run_dir: Path) -> float:
 
 
 def plateau_step(validation: list[dict], gain: float = PLATEAU_GAIN) -> int | None:
-    """The first validation step s at which the best BLEU so far had gained less than `gain` since step 0.75 s
-    (None if it never flattened)."""
+    """Where validation BLEU flattened: the first validation step s from which the best BLEU rose by less than
+    `gain` up to the run's last validation, if that flat stretch covers at least the run's last quarter (s <= 0.75 x
+    the last step); None while the run is still climbing. Judged afterwards over the whole run, so a pause in an
+    early rise does not count as a plateau."""
     steps, best, so_far = [], [], float("-inf")
     for record in validation:
         so_far = max(so_far, record["bleu"])
         steps.append(record["step"])
         best.append(so_far)
-    for i, step in enumerate(steps):
-        earlier = [b for s, b in zip(steps, best) if s <= 0.75 * step]
-        if earlier and best[i] - earlier[-1] < gain:
-            return step
+    for step, best_then in zip(steps, best):
+        if best[-1] - best_then < gain:
+            return step if step <= 0.75 * steps[-1] else None
     return None
 
 
@@ -248,7 +249,7 @@ def pm(pair: tuple[float, float], scale: float = 1.0) -> str:
 
 def markdown(grid: dict, summary: dict) -> str:
     beam = f"beam{grid['num_beams']}"
-    lines = [f"# Study `{grid['name']}`", "", f"Recipe `{grid['recipe']}` with flags `{grid['flags']}`; test split "
+    lines = [f"# Study `{grid['name']}`", "", f"Recipe `{grid['recipe']}` with flags `{grid['flags']}`, {budget(grid)} updates per run; test split "
              f"scored with the average of each run's last {grid['average_last']} checkpoints. Mean ± std over seeds; "
              f"p: sacreBLEU paired bootstrap (1000 resamples) of greedy BLEU against `{grid['baseline']}`, same seed.",
              "", f"| variant | seeds | greedy BLEU | {beam} BLEU | greedy chrF | repeated tokens (greedy) | Δ greedy BLEU "
