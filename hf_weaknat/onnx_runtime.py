@@ -9,7 +9,7 @@
 
 `export_onnx` writes the inference graph (embedding, encoder, upsampler, NAR decoder, output head, and each frame's
 argmax) with dynamic batch and source-length axes (`OnePassGraph`), next to the model's config and generation config;
-`quantize=True` adds ONNX Runtime's dynamic int8 quantization of it (int8 weights, activations quantized per call).
+attention is fused into ONNX Runtime's attention ops (`fuse_attention`, onnxscript's rewriter); `quantize=True` adds ONNX Runtime's dynamic int8 quantization of it (int8 weights, activations quantized per call).
 `ORTWeakNATForConditionalGeneration.generate` takes the PyTorch model's arguments, checks and output classes
 (`generation.py`) and decodes the graph's outputs with the same CTC code (`ctc_generation.ctc_decode`): plain greedy
 reads only the argmax ids, everything else (beam search, sampling, suppressed tokens, scores) the frame logits.
@@ -55,10 +55,11 @@ class OnePassGraph(nn.Module):
         return logits, logits.argmax(-1), frame_mask
 
 
-def export_onnx(model, output_dir, tokenizer=None, quantize: bool = True, opset_version: int = 18) -> Path:
+def export_onnx(model, output_dir, tokenizer=None, quantize: bool = True, fuse: bool = True,
+                opset_version: int = 18) -> Path:
     """Write `model` (a CTC `WeakNATForConditionalGeneration`, or its directory) to `output_dir` as `model.onnx`
-    (fp32), with `model_int8.onnx` if `quantize`, its config, generation config and `tokenizer` (or the directory's
-    own). Returns `output_dir`."""
+    (fp32, attention fused for ONNX Runtime if `fuse`), with `model_int8.onnx` if `quantize`, its config, generation
+    config and `tokenizer` (or the directory's own). Returns `output_dir`."""
     from transformers import AutoModelForSeq2SeqLM
 
     if isinstance(model, (str, os.PathLike)):
@@ -78,6 +79,8 @@ def export_onnx(model, output_dir, tokenizer=None, quantize: bool = True, opset_
         program = torch.onnx.export(graph, example, dynamo=True, dynamic_shapes=dynamic, input_names=INPUT_NAMES,
                                     output_names=OUTPUT_NAMES, opset_version=opset_version, verbose=False)
     program.save(str(output_dir / ONNX_FILE), external_data=False)
+    if fuse:
+        fuse_attention(output_dir / ONNX_FILE)
     if quantize:
         quantize_onnx(output_dir / ONNX_FILE, output_dir / INT8_FILE)
     model.config.save_pretrained(output_dir)
@@ -87,16 +90,29 @@ def export_onnx(model, output_dir, tokenizer=None, quantize: bool = True, opset_
     return output_dir
 
 
+def fuse_attention(path) -> Path:
+    """onnxscript's fusions for ONNX Runtime, in place: each attention's head reshapes, transposes, scaled dot
+    products, mask and softmax become one `MultiHeadAttention` (or `Attention`) op, and residual + LayerNorm one
+    `SkipLayerNormalization`. Same outputs, fewer ops and copies (the batch-64 profile spent 8% in transposes)."""
+    from onnxscript import ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    fused, _ = optimize_for_ort(ir.load(str(path)))
+    ir.save(fused, str(path))
+    return Path(path)
+
+
 def quantize_onnx(source, target) -> Path:
-    """ONNX Runtime's dynamic int8 quantization, after its recommended pre-processing (shape inference, graph
-    optimisation): MatMul weights to int8 per output channel, activations quantized on the fly. The embedding (a
-    Gather) and the LayerNorms stay fp32."""
+    """ONNX Runtime's dynamic int8 quantization, after its recommended pre-processing (graph optimisation, shape
+    inference): MatMul weights to int8 per output channel, activations quantized on the fly. The embedding (a
+    Gather), the LayerNorms and attention's own products stay fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
-        quant_pre_process(str(source), str(prepared))
+        # ORT's symbolic shape inference does not know the fused contrib ops; ONNX's own shape inference still runs
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, per_channel=True,
                          op_types_to_quantize=["MatMul"])
     return Path(target)
@@ -185,8 +201,9 @@ def main(argv=None):
     parser.add_argument("model", help="a model directory (e.g. runs/demo/export) or Hub repo id")
     parser.add_argument("output_dir")
     parser.add_argument("--no_int8", action="store_true", help="skip the int8 copy")
+    parser.add_argument("--no_fuse", action="store_true", help="keep attention as plain ONNX ops (no ORT fusions)")
     args = parser.parse_args(argv)
-    directory = export_onnx(args.model, args.output_dir, quantize=not args.no_int8)
+    directory = export_onnx(args.model, args.output_dir, quantize=not args.no_int8, fuse=not args.no_fuse)
     print(f"wrote {', '.join(sorted(p.name for p in directory.glob('*.onnx')))} to {directory}")
 
 

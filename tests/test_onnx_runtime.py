@@ -89,3 +89,15 @@ def test_the_command_line_exports_a_saved_model_directory(memorized, tokenizer, 
     onnx_model = ORTWeakNATForConditionalGeneration.from_pretrained(tmp_path / "onnx", num_threads=1)
     translator = pipeline("weaknat-translation", model=onnx_model, tokenizer=str(tmp_path / "onnx"))
     assert [r["translation_text"] for r in translator(sources)] == targets
+
+
+def test_attention_is_fused_into_onnx_runtimes_attention_ops(memorized, onnx_dir, tmp_path):
+    import onnx
+
+    def op_types(path):
+        return {node.op_type for node in onnx.load(path).graph.node}
+
+    fused = op_types(onnx_dir / "model.onnx")
+    assert "MultiHeadAttention" in fused and "SkipLayerNormalization" in fused and "Softmax" not in fused
+    unfused = export_onnx(memorized[0], tmp_path, quantize=False, fuse=False)
+    assert "Softmax" in op_types(unfused / "model.onnx") and "MultiHeadAttention" not in op_types(unfused / "model.onnx")

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import yaml
 
-from training.average_checkpoints import average_checkpoints, select_checkpoints
+from training.average_checkpoints import average_checkpoints
+from training.checkpoints import complete_checkpoints
 from training.evidence import recorded_path
 from training.evidence.analyze import analyze, read_lines, translate
 from training.records import read_records
@@ -93,7 +94,7 @@ def budget(grid: dict) -> int | None:
 def scored_checkpoints(grid: dict, run_dir: Path) -> list[Path]:
     """The run's last `average_last` complete checkpoints at or before the grid's budget."""
     limit = budget(grid)
-    found = [c for c in select_checkpoints(run_dir, best=0, last=10**9)
+    found = [c for c in complete_checkpoints(run_dir / "checkpoints")
              if limit is None or int(c.name.split("-")[-1]) <= limit]
     if not found or (limit is not None and int(found[-1].name.split("-")[-1]) != limit):
         raise RuntimeError(f"{run_dir} has no checkpoint at the budget of {limit} updates (found "
