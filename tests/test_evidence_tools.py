@@ -204,10 +204,11 @@ def test_speed_benchmark_times_onnx_runtime_and_ctranslate2_beside_the_others(ex
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install .[onnx])")
     out = tmp_path / "speed.json"
     printed = run([sys.executable, str(EVIDENCE / "benchmark_speed.py"), "--quick", "--threads", "1", "--int8",
-                   "--onnx", "--ctranslate2", "--nar", str(exports["nar"]), "--ar", str(exports["ar"]),
+                   "--onnx", "--onnx_unfused", "--ctranslate2", "--nar", str(exports["nar"]), "--ar", str(exports["ar"]),
                    "--bleu_lines", "16", "--json", str(out)]).stdout
     result = json.loads(out.read_text())["results"]["cpu"]
-    engines = {"nar_onnx_greedy", "nar_onnx_greedy_int8", "ct2_greedy", "ct2_beam", "ct2_greedy_int8", "ct2_beam_int8"}
+    engines = {"nar_onnx_greedy", "nar_onnx_greedy_int8", "nar_onnx_unfused_greedy", "nar_onnx_unfused_greedy_int8",
+               "ct2_greedy", "ct2_beam", "ct2_greedy_int8", "ct2_beam_int8"}
     for entry in result["batch_sizes"].values():
         systems = entry["systems"]
         assert engines <= set(systems)
@@ -217,8 +218,29 @@ def test_speed_benchmark_times_onnx_runtime_and_ctranslate2_beside_the_others(ex
     bleu = {name: score["bleu"] for name, score in result["bleu"].items()}
     assert engines <= set(bleu)
     assert bleu["nar_onnx_greedy"] == pytest.approx(bleu["nar_greedy"], abs=1e-9)
+    assert bleu["nar_onnx_unfused_greedy"] == pytest.approx(bleu["nar_greedy"], abs=1e-9)  # fusion changes no token
     assert bleu["ct2_greedy"] == pytest.approx(bleu["ar_greedy"], abs=0.3)
     assert "x CT2 greedy int8" in printed
+
+
+def test_ctranslate2_settings_run_in_their_own_processes_with_the_kernels_they_ask_for(tmp_path):
+    """ct2_settings.py: each setting's worker reports the kernels its variables select (MKL on request, whatever
+    the CPU's vendor), and every setting is timed at every batch size in every round."""
+    pytest.importorskip("ctranslate2", reason="the engines extra is not installed (pip install .[engines])")
+    out = tmp_path / "settings.json"
+    run([sys.executable, str(EVIDENCE / "ct2_settings.py"), "--quick", "--settings", "default,mkl",
+         "--compute_types", "int8", "--batch_sizes", "1,4", "--sentences", "1:4,4:8", "--repeats", "2",
+         "--warmup", "1", "--threads", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["kernels"]["mkl"]["Use Intel MKL"] == "true"
+    assert report["kernels"]["mkl"]["GEMM_S8 backend"].startswith("MKL")
+    assert report["sentences"] == {"1": 4, "4": 8}
+    for setting in ("default", "mkl"):
+        for bs in (1, 4):
+            seconds = report["seconds"][f"int8/{setting}/{bs}"]
+            assert len(seconds) == 2 and all(s > 0 for s in seconds)
+            assert report["ms_per_sentence"][f"int8/{setting}/{bs}"] == pytest.approx(
+                1000 * statistics.median(seconds) / report["sentences"][str(bs)])
 
 
 def test_one_tokenizer_function_loads_a_saved_tokenizer_or_trains_one(tokenizer_dir, tmp_path):

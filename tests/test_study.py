@@ -47,6 +47,10 @@ def test_a_grid_runs_each_variant_once_and_reports_means_and_paired_p_values(gri
     assert 0.0 <= row["p_values_greedy"][1] <= 1.0
     assert row["greedy_bleu_difference"] == pytest.approx(row["greedy_bleu"][0]
                                                           - summary["variants"]["ctc"]["greedy_bleu"][0])
+    # the validation BLEU difference to the baseline, same seed, at every validation step (plotted under the gap)
+    ctc_curve, weak_curve = ({r["step"]: r["bleu"] for r in json.loads((results / f"{v}-seed1.json").read_text())
+                              ["validation"]} for v in ("ctc", "weak_ar"))
+    assert summary["validation_bleu_difference"]["weak_ar"][1] == [(s, weak_curve[s] - ctc_curve[s]) for s in (2, 4)]
     table = (results / "README.md").read_text()
     assert "| ctc | 1 |" in table and "| weak_ar | 1 |" in table
     assert (results / "learning_curves.png").is_file() and (results / "partner_dependence.png").is_file()

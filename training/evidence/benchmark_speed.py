@@ -134,6 +134,13 @@ def model_tokenizer(directory, fallback):
     return fallback
 
 
+def shared_tokenizer(args):
+    """(tokenizer, origin) of the random models: --tokenizer, else a joint SentencePiece trained on Multi30k."""
+    return load_or_train_tokenizer(args.tokenizer, files=[MULTI30K / "train.de", MULTI30K / "train.en"],
+                                   vocab_size=args.vocab_size, max_sentences=4000 if args.quick else 2_000_000,
+                                   num_threads=1, save_directory=args.save_tokenizer)
+
+
 def build_nar(args, sizes, vocab_size):
     if args.nar:
         return WeakNATForConditionalGeneration.from_pretrained(args.nar, attn_implementation="sdpa").eval()
@@ -374,16 +381,23 @@ def run_device(args, device, nar, ar, tokenizers, forced_length) -> dict:
         return time_and_score(args, device, systems, nar, ar, tokenizers, forced_length)
 
 
+def test_sentences(args, bs: int, tokenizer) -> tuple[list[str], list[str]]:
+    """The sources and references timed at batch size `bs`: the first n lines, sorted by source length in `tokenizer`'s
+    tokens (unless --order file)."""
+    sources, references = read_lines(args.source), read_lines(args.reference)
+    n = min(args.sentences[bs], len(sources))
+    pairs = list(zip(sources[:n], references[:n]))
+    if args.order == "sorted":
+        pairs.sort(key=lambda pair: len(tokenizer(pair[0])["input_ids"]))
+    return [s for s, _ in pairs], [r for _, r in pairs]
+
+
 def time_and_score(args, device, systems, nar, ar, tokenizers, forced_length) -> dict:
     limits = {"nar": nar.config.max_position_embeddings, "ar": ar.config.max_position_embeddings}
-    sources, references = read_lines(args.source), read_lines(args.reference)
     by_batch_size = {}
     for bs in args.batch_sizes:
-        n = min(args.sentences[bs], len(sources))
-        pairs = list(zip(sources[:n], references[:n]))
-        if args.order == "sorted":
-            pairs.sort(key=lambda pair: len(tokenizers["nar"](pair[0])["input_ids"]))
-        src, ref = [s for s, _ in pairs], [r for _, r in pairs]
+        src, ref = test_sentences(args, bs, tokenizers["nar"])
+        n = len(src)
         per_tokenizer = {key: make_batches(tok, src, ref, bs, device, limits[key]) for key, tok in tokenizers.items()}
         batches = {name: per_tokenizer[tokenizer_key(name)] for name in systems}
         started = time.perf_counter()
@@ -489,6 +503,8 @@ def environment(args, devices) -> dict:
             **engine_versions(),
             "python": platform.python_version(), "threads": args.threads, "cpu": cpu_model(),
             "cpu_count": os.cpu_count(), "devices": devices,
+            # CTranslate2 picks its CPU kernels once per process from these (see ct2_settings.py)
+            "ctranslate2_settings": {k: v for k, v in os.environ.items() if k.startswith("CT2_")},
             "cuda_device": torch.cuda.get_device_name() if "cuda" in devices else None,
             "load_average_at_start": os.getloadavg()}
 
@@ -517,7 +533,8 @@ def describe_setup(args, nar, ar, tokenizer_origin, forced_length) -> dict:
 
 def print_header(env, setup, args):
     print(f"torch {env['torch']}, transformers {env['transformers']}, {env['cpu']}, {args.threads} threads, "
-          f"devices {env['devices']}, load average {env['load_average_at_start'][0]:.2f}")
+          f"devices {env['devices']}, load average {env['load_average_at_start'][0]:.2f}, "
+          f"CTranslate2 settings {env['ctranslate2_settings'] or 'default'}")
     if env["load_average_at_start"][0] > 0.5:
         print("note: other jobs are running on this machine; timings are slower and noisier than on an idle one "
               "(cpu_times_s in the JSON shows how much CPU this run got)")
@@ -538,9 +555,7 @@ def main(argv=None):
         raise SystemExit("--device cuda: no CUDA device is available")
     shared, tokenizer_origin = None, None
     if not (args.nar and args.ar) or args.tokenizer:  # random models share one vocabulary
-        shared, tokenizer_origin = load_or_train_tokenizer(
-            args.tokenizer, files=[MULTI30K / "train.de", MULTI30K / "train.en"], vocab_size=args.vocab_size,
-            max_sentences=4000 if args.quick else 2_000_000, num_threads=1, save_directory=args.save_tokenizer)
+        shared, tokenizer_origin = shared_tokenizer(args)
     tokenizers = {"nar": model_tokenizer(args.nar, shared), "ar": model_tokenizer(args.ar, shared)}
     sizes = QUICK_SIZES if args.quick else BASE_SIZES
     nar, ar = build_nar(args, sizes, len(tokenizers["nar"])), build_ar(args, sizes, tokenizers["ar"])

@@ -292,17 +292,68 @@ def plot(results: dict, key: str, ylabel: str, path: Path, budget_step: int | No
     return path
 
 
+def bleu_difference_curves(results: dict, baseline: str) -> dict[str, dict[int, list[tuple[int, float]]]]:
+    """{variant: {seed: [(step, validation BLEU - the baseline's at that step)]}} for each run whose baseline run of
+    the same seed exists."""
+    curves_found = {}
+    for variant, runs in results.items():
+        for seed, run in runs.items():
+            base = results.get(baseline, {}).get(seed)
+            if variant == baseline or base is None:
+                continue
+            base_bleu = {r["step"]: r["bleu"] for r in base["validation"]}
+            points = [(r["step"], r["bleu"] - base_bleu[r["step"]]) for r in run["validation"]
+                      if r["step"] in base_bleu]
+            curves_found.setdefault(variant, {})[seed] = points
+    return curves_found
+
+
+def plot_partner_dependence(results: dict, baseline: str, path: Path, budget_step: int | None = None) -> Path | None:
+    """Two panels on one step axis: the partners' dependence on the NAR states (loss reading another sentence's
+    states minus their own, nats/token) and the same-seed validation BLEU difference to the baseline, so the
+    mechanism can be read against what it buys."""
+    from matplotlib.figure import Figure
+
+    gaps = {v: {s: [(r["step"], r["partner_gap"]) for r in run["validation"] if r.get("partner_gap") is not None]
+                for s, run in runs.items()} for v, runs in results.items()}
+    if not any(points for runs in gaps.values() for points in runs.values()):
+        return None
+    differences = bleu_difference_curves(results, baseline)
+    figure = Figure(figsize=(7, 6))
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    colors = {variant: f"C{i}" for i, variant in enumerate(results)}
+    for axes, series in ((top, gaps), (bottom, differences)):
+        for variant, runs in series.items():
+            for seed, points in sorted(runs.items()):
+                if points:
+                    axes.plot(*zip(*points), color=colors[variant], marker=".", alpha=0.8,
+                              label=f"{variant} seed {seed}")
+        if budget_step is not None:
+            axes.axvline(budget_step, color="gray", linestyle=":")
+        axes.grid(alpha=0.3)
+    top.set_ylabel("partner loss: other - own\n(nats/token)")
+    bottom.axhline(0.0, color="black", linewidth=0.8)
+    bottom.set_ylabel(f"validation BLEU\nminus {baseline} (same seed)")
+    bottom.set_xlabel("update")
+    top.legend(fontsize=7)
+    if differences:
+        bottom.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return path
+
+
 def report(grid: dict) -> dict:
     results = load_results(grid)
     out = Path(grid["results_dir"]) / grid["name"]
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(grid, results)
+    summary["validation_bleu_difference"] = bleu_difference_curves(results, grid["baseline"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     table = markdown(grid, summary)
     (out / "README.md").write_text(table)
     plot(results, "bleu", "validation BLEU", out / "learning_curves.png", budget(grid))
-    plot(results, "partner_gap", "partner loss: other sentence - own (nats/token)", out / "partner_dependence.png",
-         budget(grid))
+    plot_partner_dependence(results, grid["baseline"], out / "partner_dependence.png", budget(grid))
     print(table)
     return summary
 
