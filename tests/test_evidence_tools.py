@@ -204,10 +204,10 @@ def test_speed_benchmark_times_onnx_runtime_and_ctranslate2_beside_the_others(ex
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install .[onnx])")
     out = tmp_path / "speed.json"
     printed = run([sys.executable, str(EVIDENCE / "benchmark_speed.py"), "--quick", "--threads", "1", "--int8",
-                   "--onnx", "--onnx_unfused", "--ctranslate2", "--nar", str(exports["nar"]), "--ar", str(exports["ar"]),
+                   "--onnx", "--onnx_fused", "--ctranslate2", "--nar", str(exports["nar"]), "--ar", str(exports["ar"]),
                    "--bleu_lines", "16", "--json", str(out)]).stdout
     result = json.loads(out.read_text())["results"]["cpu"]
-    engines = {"nar_onnx_greedy", "nar_onnx_greedy_int8", "nar_onnx_unfused_greedy", "nar_onnx_unfused_greedy_int8",
+    engines = {"nar_onnx_greedy", "nar_onnx_greedy_int8", "nar_onnx_fused_greedy", "nar_onnx_fused_greedy_int8",
                "ct2_greedy", "ct2_beam", "ct2_greedy_int8", "ct2_beam_int8"}
     for entry in result["batch_sizes"].values():
         systems = entry["systems"]
@@ -218,7 +218,7 @@ def test_speed_benchmark_times_onnx_runtime_and_ctranslate2_beside_the_others(ex
     bleu = {name: score["bleu"] for name, score in result["bleu"].items()}
     assert engines <= set(bleu)
     assert bleu["nar_onnx_greedy"] == pytest.approx(bleu["nar_greedy"], abs=1e-9)
-    assert bleu["nar_onnx_unfused_greedy"] == pytest.approx(bleu["nar_greedy"], abs=1e-9)  # fusion changes no token
+    assert bleu["nar_onnx_fused_greedy"] == pytest.approx(bleu["nar_greedy"], abs=1e-9)  # fusion changes no token
     assert bleu["ct2_greedy"] == pytest.approx(bleu["ar_greedy"], abs=0.3)
     assert "x CT2 greedy int8" in printed
 
