@@ -53,6 +53,9 @@ def test_a_grid_runs_each_variant_once_and_reports_means_and_paired_p_values(gri
     assert summary["validation_bleu_difference"]["weak_ar"][1] == [(s, weak_curve[s] - ctc_curve[s]) for s in (2, 4)]
     table = (results / "README.md").read_text()
     assert "| ctc | 1 |" in table and "| weak_ar | 1 |" in table
+    # one seed has no spread: the mean alone, never a "± 0.00" that reads like a measured standard deviation
+    assert row["greedy_bleu"][1] is None
+    assert all("±" not in line for line in table.splitlines() if line.startswith("| weak_ar"))
     assert (results / "learning_curves.png").is_file() and (results / "partner_dependence.png").is_file()
 
     # a second call finds every result file and trains nothing

@@ -185,8 +185,9 @@ def validation_at_budget(result: dict) -> list[dict]:
     return [v for v in result["validation"] if limit is None or v["step"] <= limit]
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """The mean and the sample standard deviation; one run has no spread to report (None, not 0)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def paired_bootstrap(references: list[str], baseline: list[str], system: list[str], samples: int = 1000) -> float:
@@ -244,14 +245,14 @@ def summarize(grid: dict, results: dict) -> dict:
     return summary
 
 
-def pm(pair: tuple[float, float], scale: float = 1.0) -> str:
-    return f"{pair[0] * scale:.2f} ± {pair[1] * scale:.2f}"
+def pm(pair: tuple[float, float | None], scale: float = 1.0) -> str:
+    return f"{pair[0] * scale:.2f}" if pair[1] is None else f"{pair[0] * scale:.2f} ± {pair[1] * scale:.2f}"
 
 
 def markdown(grid: dict, summary: dict) -> str:
     beam = f"beam{grid['num_beams']}"
     lines = [f"# Study `{grid['name']}`", "", f"Recipe `{grid['recipe']}` with flags `{grid['flags']}`, {budget(grid)} updates per run; test split "
-             f"scored with the average of each run's last {grid['average_last']} checkpoints. Mean ± std over seeds; "
+             f"scored with the average of each run's last {grid['average_last']} checkpoints. Mean ± std over seeds (the mean alone for one seed); "
              f"p: sacreBLEU paired bootstrap (1000 resamples) of greedy BLEU against `{grid['baseline']}`, same seed.",
              "", f"| variant | seeds | greedy BLEU | {beam} BLEU | greedy chrF | repeated tokens (greedy) | Δ greedy BLEU "
              f"| p per seed | validation flat at step | train min |", "|" + "---|" * 10]
