@@ -1,6 +1,11 @@
 """The study runner (training/evidence/study.py): a grid of runs trained, averaged, scored, skipped when done, reported."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -59,7 +64,7 @@ def test_a_grid_runs_each_variant_once_and_reports_means_and_paired_p_values(gri
     assert (results / "learning_curves.png").is_file() and (results / "partner_dependence.png").is_file()
 
     # a second call finds every result file and trains nothing
-    monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(study, "train_in_child", lambda *a, **k: pytest.fail("a finished run was trained again"))
     again = study.main([str(grid_file), "--grid", "tiny"])
     assert again["variants"]["weak_ar"]["greedy_bleu"] == row["greedy_bleu"]
     # a variant declared the same run as another grid's (`same_as`) is read from there, not trained again
@@ -90,6 +95,30 @@ def test_plateau_is_where_the_best_bleu_stops_gaining_until_the_end_of_the_run()
     # is not a plateau, as the run gained 3 BLEU after it
     assert study.plateau_step(curve) == 600
     assert study.plateau_step(curve[:7]) is None  # flat only at the very end: still climbing as far as we know
+    assert study.flat_at(None) == "not flat" and study.flat_at(600) == "600"  # as the table prints them
+
+
+def test_a_stopped_study_stops_its_training_run_too(tmp_path):
+    # a training child left running after its study is killed would keep writing into the run directory
+    pid_file = tmp_path / "child.pid"
+    child_code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    study_code = (f"import sys; from training.evidence.study import train_in_child; "
+                  f"train_in_child([sys.executable, '-c', {child_code!r}])")
+    parent = subprocess.Popen([sys.executable, "-c", study_code], cwd=REPO, env=ENV)
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text()):
+        assert time.monotonic() < deadline and parent.poll() is None, "the training child never started"
+        time.sleep(0.1)
+    child_pid = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(child_pid, 0)
+
+
+def test_a_failed_training_run_fails_the_study():
+    with pytest.raises(subprocess.CalledProcessError):
+        study.train_in_child([sys.executable, "-c", "raise SystemExit(3)"])
 
 
 def test_an_unknown_grid_or_variant_is_named(grid_file):

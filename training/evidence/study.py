@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def run_one(grid: dict, variant: str, seed: int, train: bool = True) -> Path:
     if train:
         command = train_command(grid, variant, seed, run_dir)
         print(f"[study] {grid['name']} / {variant} / seed {seed}: {' '.join(command[1:])}", flush=True)
-        subprocess.run(command, check=True)
+        train_in_child(command)
     wall_time = wall_time_to_budget(grid, run_dir)
     trained = json.loads((run_dir / "run_args.json").read_text())["training"]["max_steps"]
     result = {"grid": grid["name"], "variant": variant, "seed": seed, "recipe": grid["recipe"],
@@ -154,6 +155,23 @@ def run_one(grid: dict, variant: str, seed: int, train: bool = True) -> Path:
     print(f"[study] wrote {path} (greedy BLEU {result['test']['greedy']['bleu']:.2f}, {wall_time / 60:.0f} min to "
           f"the budget)")
     return path
+
+
+def train_in_child(command: list[str]) -> None:
+    """Run a training command in a child process that does not outlive the study: a study stopped by a signal
+    (kill, Ctrl-C, the end of a session) stops its training too, rather than leave it writing into the run
+    directory that a restarted study would train in again."""
+    child = subprocess.Popen(command)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so `finally` runs
+    try:
+        returncode = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if child.poll() is None:
+            child.terminate()
+            child.wait()
+    if returncode != 0:
+        raise subprocess.CalledProcessError(returncode, command)
 
 
 def wall_time_to_budget(grid: dict, run_dir: Path) -> float:
@@ -249,6 +267,10 @@ def pm(pair: tuple[float, float | None], scale: float = 1.0) -> str:
     return f"{pair[0] * scale:.2f}" if pair[1] is None else f"{pair[0] * scale:.2f} ± {pair[1] * scale:.2f}"
 
 
+def flat_at(step: int | None) -> str:
+    return "not flat" if step is None else str(step)
+
+
 def markdown(grid: dict, summary: dict) -> str:
     beam = f"beam{grid['num_beams']}"
     lines = [f"# Study `{grid['name']}`", "", f"Recipe `{grid['recipe']}` with flags `{grid['flags']}`, {budget(grid)} updates per run; test split "
@@ -261,7 +283,7 @@ def markdown(grid: dict, summary: dict) -> str:
         p_values = ", ".join(f"{p:.3f}" for p in row.get("p_values_greedy", {}).values()) or "—"
         lines.append(f"| {variant} | {len(row['seeds'])} | {pm(row['greedy_bleu'])} | {pm(row[f'{beam}_bleu'])} | "
                      f"{pm(row['greedy_chrf'])} | {pm(row['greedy_repetition_rate'], 100)}% | {difference} | "
-                     f"{p_values} | {', '.join(str(s) for s in row['plateau_step'].values())} | "
+                     f"{p_values} | {', '.join(flat_at(s) for s in row['plateau_step'].values())} | "
                      f"{', '.join(str(m) for m in row['train_wall_time_min'])} |")
     return "\n".join(lines) + "\n"
 
