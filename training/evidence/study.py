@@ -79,11 +79,22 @@ def train_command(grid: dict, variant: str, seed: int, run_dir: Path) -> list[st
 
 
 def machine() -> dict:
+    """Where the run trained: wall times are comparable only between runs on the same kind of host."""
     import torch
 
-    return {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+    return {"processor": cpu_model(), "cpu_count": os.cpu_count(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux reports only the architecture through `platform.processor()`)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def budget(grid: dict) -> int | None:
