@@ -50,7 +50,7 @@ from transformers import AutoTokenizer, MarianMTModel
 from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration
 from training.ar_baseline import generation_limits, marian_config
 from training.data import load_or_train_tokenizer
-from training.evidence import MULTI30K, recorded_path
+from training.evidence import MULTI30K, cpu_model, recorded_path
 from training.evidence.analyze import read_lines
 
 # The paper's base Transformer (Appendix A); --quick uses the tiny one.
@@ -115,14 +115,6 @@ def parse_args(argv=None):
     counts = dict(tuple(int(x) for x in item.split(":")) for item in args.sentences.split(","))
     args.sentences = {bs: counts.get(bs, max(counts.values())) for bs in args.batch_sizes}
     return args
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def model_tokenizer(directory, fallback):

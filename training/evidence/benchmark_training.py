@@ -46,7 +46,7 @@ from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration
 from training.data import load_or_train_tokenizer
 from training.evidence import MULTI30K
 from training.evidence.analyze import read_lines
-from training.evidence.benchmark_speed import cpu_model
+from training.evidence import cpu_model
 
 BASE_SIZES = dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
                   decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048)

@@ -23,7 +23,6 @@ the NAR states).
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -35,7 +34,7 @@ import yaml
 
 from training.average_checkpoints import average_checkpoints
 from training.checkpoints import complete_checkpoints
-from training.evidence import recorded_path
+from training.evidence import cpu_model, recorded_path
 from training.evidence.analyze import analyze, read_lines, translate
 from training.records import read_records
 
@@ -85,16 +84,6 @@ def machine() -> dict:
     return {"processor": cpu_model(), "cpu_count": os.cpu_count(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux reports only the architecture through `platform.processor()`)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def budget(grid: dict) -> int | None:
