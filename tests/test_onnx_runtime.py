@@ -1,6 +1,8 @@
 """The ONNX Runtime path (hf_weaknat/onnx_runtime.py): the exported one-pass graph translates as the PyTorch model
 does, through the same generate() and pipeline."""
 
+import json
+
 import pytest
 import torch
 
@@ -109,3 +111,22 @@ def test_fused_attention_is_an_option_that_translates_the_same(memorized, tokeni
     fused_model = ORTWeakNATForConditionalGeneration.from_pretrained(fused_dir, num_threads=1)
     assert torch.equal(fused_model.generate(**batch), plain_model.generate(**batch))
     assert tokenizer.batch_decode(int8.generate(**batch), skip_special_tokens=True) == targets
+
+
+def test_the_evidence_tool_scores_the_onnx_graphs(memorized, onnx_dir, tmp_path):
+    """`analyze.py --onnx_file`: how the int8 graph's BLEU on a test set is measured against the PyTorch model's."""
+    from training.evidence.analyze import main as analyze
+
+    _, sources, targets = memorized
+    (tmp_path / "src").write_text("".join(s + "\n" for s in sources), encoding="utf-8")
+    (tmp_path / "ref").write_text("".join(t + "\n" for t in targets), encoding="utf-8")
+    reports = {name: analyze(["--model", str(onnx_dir), "--onnx_file", name, "--source", str(tmp_path / "src"),
+                              "--reference", str(tmp_path / "ref"), "--batch_size", "2",
+                              "--json", str(tmp_path / f"{name}.json")])
+               for name in ("model.onnx", INT8_FILE)}
+    for name, report in reports.items():  # both graphs translate what the model memorised
+        written = json.loads((tmp_path / f"{name}.json").read_text())
+        assert written["translations"] == targets and written["onnx_file"] == name
+        assert report["bleu"] == pytest.approx(100.0)
+    with pytest.raises(SystemExit):  # a graph needs its directory
+        analyze(["--hypotheses", str(tmp_path / "ref"), "--reference", str(tmp_path / "ref"), "--onnx_file", "x.onnx"])

@@ -7,6 +7,7 @@ Library:
 CLI: translate a test set with any exported WeakNAT model (or any transformers seq2seq model, e.g. MarianMT), or
 score existing outputs, then print sacreBLEU (with its signature), chrF, the repetition rate and BLEU per bucket:
     python training/evidence/analyze.py --model runs/export --source test.de --reference test.en [--num_beams 5]
+    python training/evidence/analyze.py --model runs/onnx --onnx_file model_int8.onnx   # ONNX Runtime (CTC models)
     python training/evidence/analyze.py --hypotheses out.en --reference test.en
 """
 
@@ -67,8 +68,9 @@ def bleu_by_length(hypotheses: Sequence[str], references: Sequence[str], buckets
 
 
 def translate(model_dir, sources: list[str], num_beams: int = 1, batch_size: int = 64, device: str = "cpu",
-              max_new_tokens: int = 256) -> list[str]:
-    """Translate with a WeakNAT export (one forward pass, CTC greedy/beam) or any transformers seq2seq model."""
+              max_new_tokens: int = 256, onnx_file: str | None = None) -> list[str]:
+    """Translate with a WeakNAT export (one forward pass, CTC greedy/beam) or any transformers seq2seq model; with
+    `onnx_file`, with that graph of a directory written by `hf_weaknat.export_onnx`, run by ONNX Runtime."""
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -76,8 +78,13 @@ def translate(model_dir, sources: list[str], num_beams: int = 1, batch_size: int
     from training.ar_baseline import generation_limits
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).to(device).eval()
-    is_nar = isinstance(model, WeakNATForConditionalGeneration)
+    if onnx_file:
+        from hf_weaknat.onnx_runtime import ORTWeakNATForConditionalGeneration
+
+        model = ORTWeakNATForConditionalGeneration.from_pretrained(model_dir, file_name=onnx_file).to(device)
+    else:
+        model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).to(device).eval()
+    is_nar = isinstance(model, WeakNATForConditionalGeneration) or onnx_file is not None
     max_source_tokens = getattr(model.config, "max_position_embeddings", None)  # longer sources are cut
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))  # similar lengths batch with less padding
     translations = [""] * len(sources)
@@ -120,6 +127,8 @@ def parse_buckets(text: str):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="exported WeakNAT directory, or any seq2seq model directory with its tokenizer")
+    p.add_argument("--onnx_file", help="with --model: translate with this ONNX graph of the directory (written by "
+                                        "hf_weaknat.export_onnx, e.g. model.onnx or model_int8.onnx) in ONNX Runtime")
     p.add_argument("--hypotheses", help="score these translations (one per line) instead of translating")
     p.add_argument("--source", default=str(MULTI30K / "test.de"))
     p.add_argument("--reference", default=str(MULTI30K / "test.en"))
@@ -134,6 +143,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if (args.model is None) == (args.hypotheses is None):
         p.error("pass exactly one of --model and --hypotheses")
+    if args.onnx_file and not args.model:
+        p.error("--onnx_file names a graph in the --model directory")
     references = read_lines(args.reference)
     if args.hypotheses:
         hypotheses = read_lines(args.hypotheses)
@@ -141,7 +152,8 @@ def main(argv=None):
         sources = read_lines(args.source)
         if len(sources) != len(references):
             p.error(f"{len(sources)} source lines but {len(references)} reference lines")
-        hypotheses = translate(args.model, sources, args.num_beams, args.batch_size, args.device, args.max_new_tokens)
+        hypotheses = translate(args.model, sources, args.num_beams, args.batch_size, args.device, args.max_new_tokens,
+                               args.onnx_file)
     if len(hypotheses) != len(references):
         p.error(f"{len(hypotheses)} hypotheses but {len(references)} references")
     if args.output:
@@ -157,7 +169,8 @@ def main(argv=None):
         score = f"{row['bleu']:.2f}" if row["bleu"] is not None else "-"
         print(f"  {row['bucket']:>9}  {row['sentences']:>6} sentences  BLEU {score}")
     if args.json:
-        source = {"model": args.model, "num_beams": args.num_beams} if args.model else {"hypotheses": args.hypotheses}
+        source = ({"model": args.model, "onnx_file": args.onnx_file, "num_beams": args.num_beams} if args.model
+                  else {"hypotheses": args.hypotheses})
         Path(args.json).write_text(json.dumps({**source, "reference": recorded_path(args.reference), **report,
                                                "translations": hypotheses}, indent=2, ensure_ascii=False))
     return report
