@@ -10,6 +10,8 @@ import copy
 import shutil
 from pathlib import Path
 
+import torch
+
 from .configuration_weaknat import WeakNATConfig
 from .modeling_weaknat import WeakNATForConditionalGeneration
 
@@ -52,24 +54,38 @@ def strip_weak_decoders(model: WeakNATForConditionalGeneration) -> WeakNATForCon
 
 
 def export_for_hub(model: WeakNATForConditionalGeneration, save_directory, tokenizer=None,
-                   max_shard_size="2GB") -> Path:
+                   max_shard_size="2GB", weights_dtype: torch.dtype | None = None) -> Path:
     """Write the inference checkpoint to `save_directory` and return its path.
 
     Holds: config.json (AR off, auto_map, custom_pipelines), generation_config.json (the model's `generation_config`:
     `generate()` defaults), model.safetensors (no `weak_ar.*` keys), the remote code files, and the tokenizer when
-    given.
+    given. `weights_dtype` (e.g. `torch.float16`): the weights are stored in that dtype, half the size, while
+    config.json keeps the model's own dtype, which `from_pretrained` loads them in unless asked for another.
     """
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
     exported = strip_weak_decoders(model)
     exported.config.auto_map = dict(AUTO_MAP)
     exported.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
-    exported.save_pretrained(save_directory, max_shard_size=max_shard_size)
+    stored = None if weights_dtype is None else stored_weights(exported, weights_dtype)
+    exported.save_pretrained(save_directory, max_shard_size=max_shard_size, state_dict=stored)
     for name in REMOTE_CODE_FILES:  # flat folder, relative imports only: what transformers' remote code loader expects
         shutil.copyfile(PACKAGE_DIR / name, save_directory / name)
     if tokenizer is not None:
         tokenizer.save_pretrained(save_directory)
     return save_directory
+
+
+def stored_weights(model, dtype: torch.dtype) -> dict:
+    """The model's state dict with floating-point tensors in `dtype`; tied parameters stay one tensor."""
+    converted = {}  # by storage: a tied copy gets the same converted tensor as its source
+    state = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.untyped_storage().data_ptr()
+        if key not in converted:
+            converted[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        state[name] = converted[key]
+    return state
 
 
 def push_export_to_hub(export_directory, repo_id: str, *, private: bool | None = None, token: str | None = None,

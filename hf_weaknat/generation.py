@@ -57,7 +57,8 @@ ONE_PASS_UNSUPPORTED_INPUTS = {
 # `labels` (Seq2SeqTrainer passes the batch's labels; a translation does not read them)
 IGNORED_ARGUMENTS = ("synced_gpus", "tokenizer", "trust_remote_code", "labels")
 # GenerationConfig fields that act on the steps of an autoregressive decoder: a ValueError when set to anything but
-# their neutral value(s). Everything else in GenerationConfig is honoured or a documented no-op (see README).
+# their neutral value(s). Everything else in GenerationConfig is honoured or a documented no-op (the package's
+# docs/usage.md, "Generation arguments").
 ONE_PASS_UNSUPPORTED_CONFIG = {
     "max_time": ((None,), f"{STEPS}, so it cannot stop part-way; bound the output with `max_new_tokens`"),
     "stop_strings": ((None,), f"{STEPS}, so there is no step at which to stop"),

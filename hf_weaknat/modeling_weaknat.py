@@ -446,7 +446,7 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
         lengths decoded at once, ranked by average log-probability; `do_sample=True`: each position drawn at the
         most probable length). A one-pass model
         does not stop early: the frames fix the length, `max_length` / `max_new_tokens` only truncate. An empty
-        sentence (`</s>` alone) translates to an empty sequence. README.md ("Generation arguments") lists them all.
+        sentence (`</s>` alone) translates to an empty sequence. docs/usage.md ("Generation arguments") lists them all.
 
         Returns: `torch.LongTensor` (batch * num_return_sequences, len), right-padded with `pad_token_id`, or with
         `return_dict_in_generate=True` a `GenerateEncoderDecoderOutput` / `GenerateBeamEncoderDecoderOutput`

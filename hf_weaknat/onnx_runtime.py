@@ -135,9 +135,10 @@ class ORTWeakNATForConditionalGeneration:
 
     @classmethod
     def from_pretrained(cls, directory, file_name: str = ONNX_FILE, num_threads: int | None = None,
-                        session_options=None):
+                        session_options=None, config_directory=None):
         """Load `directory/file_name` (written by `export_onnx`). `num_threads`: ONNX Runtime's intra-op threads
-        (default: its own choice, all cores)."""
+        (default: its own choice, all cores). `config_directory`: where the config and generation config are, a
+        directory or Hub id (default: `directory`, where `export_onnx` writes them)."""
         import onnxruntime as ort
 
         directory = Path(directory)
@@ -147,9 +148,12 @@ class ORTWeakNATForConditionalGeneration:
         if num_threads:
             options.intra_op_num_threads = num_threads
         session = ort.InferenceSession(str(directory / file_name), options, providers=["CPUExecutionProvider"])
-        config = WeakNATConfig.from_pretrained(directory)
-        generation_config = (GenerationConfig.from_pretrained(directory)
-                             if (directory / "generation_config.json").is_file() else None)
+        config_directory = config_directory or directory
+        config = WeakNATConfig.from_pretrained(config_directory)
+        try:
+            generation_config = GenerationConfig.from_pretrained(config_directory)
+        except OSError:  # none saved: the defaults of __init__
+            generation_config = None
         return cls(session, config, generation_config)
 
     def can_generate(self) -> bool:

@@ -73,6 +73,22 @@ def test_exported_logits_are_bit_identical_to_the_training_models_nar_path(expor
     assert loaded.ctc_head.weight.data_ptr() == loaded.model.shared.weight.data_ptr()  # still tied after loading
 
 
+def test_half_precision_weights_take_half_the_space_and_load_in_float32(exported, tokenizer, tmp_path):
+    directory, model, sources, _ = exported
+    half = export_for_hub(model, tmp_path / "half", tokenizer=tokenizer, weights_dtype=torch.float16)
+    with safe_open(half / "model.safetensors", "pt") as weights:
+        assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"F16"}
+        assert set(weights.keys()) == saved_keys(directory)  # the tied head is stored once, as in float32
+    assert (half / "model.safetensors").stat().st_size < 0.55 * (directory / "model.safetensors").stat().st_size
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(half).eval()
+    assert loaded.dtype == torch.float32 and loaded.ctc_head.weight.data_ptr() == loaded.model.shared.weight.data_ptr()
+    rounded = strip_weak_decoders(model).half().float().eval()  # what float16 storage keeps of each weight
+    batch = tokenizer(sources, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, rounded(**batch).logits)
+    assert AutoModelForSeq2SeqLM.from_pretrained(half, dtype=torch.float16).dtype == torch.float16  # when asked
+
+
 def test_export_ships_remote_code_auto_map_pipeline_and_tokenizer(exported):
     directory = exported[0]
     names = {p.name for p in directory.iterdir()}

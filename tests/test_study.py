@@ -18,7 +18,7 @@ TINY_FLAGS = {"d_model": 32, "encoder_layers": 1, "decoder_layers": 2, "encoder_
               "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
               "max_position_embeddings": 48, "max_train_samples": 200, "max_eval_samples": 16, "max_tokens": 600,
               "warmup_steps": 2, "learning_rate": 3e-3, "logging_steps": 2, "max_steps": 4, "eval_steps": 2,
-              "save_steps": 2, "save_total_limit": 2, "report_to": "none"}
+              "save_steps": 2, "save_total_limit": 2, "report_to": "none", "compare_with": ""}
 
 
 @pytest.fixture

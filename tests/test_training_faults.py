@@ -322,6 +322,12 @@ def test_a_bad_value_stops_the_run_before_any_data_is_loaded(tmp_path):
     assert "glancing_anneal_steps" not in str(failure.value) and not (tmp_path / "run").exists()
 
 
+def test_a_reference_model_that_does_not_exist_stops_the_run_before_training(tmp_path):
+    with pytest.raises(ValueError, match="compare_with='no/such/model/here': no model there"):
+        train.main([DEMO, "--compare_with", "no/such/model/here", "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 5. Damaged checkpoints: named with their step; resume falls back to the newest loadable one
 

@@ -1,6 +1,7 @@
 """End to end: train.py runs (tiny model, CPU, offline), survives SIGKILL, runs on 2 processes, exports and pushes."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -11,8 +12,10 @@ import pytest
 import torch
 from conftest import MULTI30K
 from huggingface_hub import ModelCard
+from safetensors import safe_open
 from safetensors.torch import load_file
-from training_runs import DEMO, ENV, REPO, TINY, TRAIN, records, run
+from transformers import AutoTokenizer
+from training_runs import DEMO, ENV, REPO, TINY, TINY_MODEL, TRAIN, records, run
 
 from hf_weaknat import WeakNATForConditionalGeneration  # also registers the pipeline
 from training import arguments, average_checkpoints, export, train
@@ -25,24 +28,29 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """The demo recipe end to end: tokenizer training, validation, checkpoints, export, learning curve."""
+    """The main job's recipe end to end, on a tiny model: validation, checkpoints, export, learning curve, and the
+    comparison with the shipped model on the same test sentences."""
     run_dir = tmp_path_factory.mktemp("demo") / "run"
-    result = run([sys.executable, TRAIN, DEMO, *TINY, "--max_steps", "12", "--eval_steps", "6", "--save_steps", "6",
-                  "--vocab_size", "300", "--output_dir", str(run_dir)])
+    result = run([sys.executable, TRAIN, DEMO, *TINY_MODEL, "--max_steps", "12", "--eval_steps", "6", "--save_steps",
+                  "6", "--output_dir", str(run_dir)])
     return run_dir, result.stdout + result.stderr
 
 
 def test_demo_recipe_trains_validates_checkpoints_and_records(demo_run):
     run_dir, log = demo_run
-    assert (run_dir / "tokenizer/tokenizer.json").is_file()  # trained from the data: the recipe names none
-    assert "Tokenizer: joint unigram SentencePiece, 300 pieces, trained on the training data" in log
+    recipe_tokenizer = REPO / "training/corpora/multi30k_distilled/tokenizer"
+    assert "Tokenizer: loaded from training/corpora/multi30k_distilled/tokenizer" in log  # the teacher's vocabulary
+    assert (run_dir / "tokenizer/tokenizer.json").read_bytes() == (recipe_tokenizer / "tokenizer.json").read_bytes()
     run_args = json.loads((run_dir / "run_args.json").read_text())
     # the recipe's model section with TINY's flags on top, and the config it resolved to
     assert run_args["model"] == {"model_type": "weaknat", "d_model": 32, "encoder_layers": 1, "decoder_layers": 2,
                                  "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64,
                                  "decoder_ffn_dim": 64, "dropout": 0.1, "max_position_embeddings": 48,
-                                 "weak_ar_layers": 1}
-    assert run_args["model_config"]["vocab_size"] == 300 and run_args["model_config"]["glancing_anneal_steps"] == 12
+                                 "upsample_ratio": 2, "weak_ar_layers": 1}
+    vocabulary = len(AutoTokenizer.from_pretrained(recipe_tokenizer))
+    assert run_args["model_config"]["vocab_size"] == vocabulary
+    assert run_args["model_config"]["glancing_anneal_steps"] == 12
+    assert "Removed shared tensor" not in log  # the tied CTC head is declared, not found by accelerate at each save
     stats = json.loads((run_dir / "data_stats.json").read_text())["train_pairs"]
     assert sum(stats.values()) == 400 and stats["kept"] > 0
     assert f"Training pairs: {stats['kept']} kept; left out: {stats['source_too_long']} with a source" in log
@@ -59,7 +67,14 @@ def test_demo_recipe_trains_validates_checkpoints_and_records(demo_run):
     assert (run_dir / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     first_test_source = (MULTI30K / "test.de").read_text(encoding="utf-8").splitlines()[0]
     first_prediction = (run_dir / "predictions-test.txt").read_text().splitlines()[0]
-    assert f"  {first_test_source}\n  -> {first_prediction}\n" in log  # the export translated through the pipeline
+    # the export and the shipped model translate the same sentences through the pipeline, both scored
+    assert f"  {first_test_source}\n    this run:  {first_prediction}\n    reference: " in log
+    shipped = json.loads((REPO / "models/weaknat-multi30k-de-en/eval_results.json").read_text())
+    ours = json.loads((run_dir / "export/eval_results.json").read_text())
+    printed = re.search(r"test BLEU over the same 1000 sentences: this run ([\d.]+), "
+                        r"models/weaknat-multi30k-de-en ([\d.]+)", log)
+    assert float(printed[1]) == pytest.approx(ours["bleu"], abs=0.005)
+    assert float(printed[2]) == pytest.approx(shipped["greedy"]["bleu"], abs=0.1)  # pipeline batches, not sorted ones
 
 
 def test_demo_export_is_the_trained_model_without_weak_ar_and_translates(demo_run):
@@ -118,6 +133,28 @@ def test_export_script_averages_and_pushes_exactly_the_export_folder(demo_run, t
     exported = load_file(export_dir / "model.safetensors")
     averaged_weights = load_file(averaged / "model.safetensors")
     assert all(torch.equal(exported[k], averaged_weights[k]) for k in exported)
+
+
+def test_ship_model_averages_measures_half_precision_and_writes_a_complete_folder(demo_run, tmp_path):
+    from training.evidence import ship_model
+
+    run_dir, _ = demo_run
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Measured\n\ngreedy {greedy_bleu}, beam {beam_bleu}, float32 {float32_greedy_bleu}, "
+                     "{changed_greedy} changed, steps {averaged_steps}, guard {guard_bleu}\n")
+    folder = ship_model.main(["--run_dir", str(run_dir), "--last", "2", "--output_dir", str(tmp_path / "shipped"),
+                              "--num_beams", "2", "--card_notes", str(notes), "--json", str(tmp_path / "m.json")])
+    measured = json.loads((tmp_path / "m.json").read_text())
+    results = json.loads((folder / "eval_results.json").read_text())
+    assert results["averaged_steps"] == measured["averaged_steps"] == [6, 12]
+    assert results["greedy"]["bleu"] == measured["float16_weights"]["greedy"]["bleu"]
+    assert set(measured) >= {"float32_weights", "float16_weights", "changed_by_weights_dtype"}
+    card = (folder / "README.md").read_text()
+    assert f"greedy {results['greedy']['bleu']:.2f}, beam {results['beam2']['bleu']:.2f}" in card
+    assert f'pipeline(model="{tmp_path / "shipped"}"' in card  # the card loads the folder by its own name
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"F16"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "notes.md", "shipped"]  # no scratch left
 
 
 def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(tokenizer_dir, tmp_path):

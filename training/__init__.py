@@ -6,7 +6,7 @@ Run from a checkout, after the editable install (`pip install -e ".[train]"`), b
     python -m training.train training/configs/demo.yaml
 
 The entry points are train.py, distill.py, average_checkpoints.py and export.py; evidence/ holds the tools behind
-the README's Results (benchmarks, analyses, run comparisons).
+the README's Results and docs/ (benchmarks, analyses, run comparisons).
 """
 
 from pathlib import Path

@@ -84,6 +84,26 @@ def best_score(checkpoint: Path) -> float | None:
     return state.validation_bleu.get(str(state.step))
 
 
+def drop_tied_copies(models, weights, output_dir):
+    """`accelerator.register_save_state_pre_hook` hook: leave out of accelerate's copy of each model the parameters
+    the model declares as tied (transformers' `_tied_weights_keys`, target -> source: the CTC head is the embedding)
+    whenever they really share the source's storage, as `save_pretrained` does. accelerate would otherwise find the
+    alias itself, drop it and warn at every save; loading (safetensors' `load_model`) ties them back the same way."""
+    from accelerate.utils import extract_model_from_parallel
+
+    for model, state in zip(models, weights):
+        tied = getattr(extract_model_from_parallel(model), "_tied_weights_keys", None) or {}
+        for target, source in tied.items():
+            for key in [k for k in state if k == target or k.endswith("." + target)]:  # DDP's keys: module.<name>
+                source_key = key[: len(key) - len(target)] + source
+                if source_key in state and same_storage(state[key], state[source_key]):
+                    del state[key]
+
+
+def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def save_checkpoint(accelerator, model, root: Path, state: TrainState, keep_last: int, keep_best: int) -> Path:
     """Write a checkpoint from every process, publish it with one rename, then rotate old ones. Returns its path.
 

@@ -1,6 +1,7 @@
 """Export any checkpoint of a run as a Hub model: weights without the weak AR decoders, tokenizer, code, model card.
 
     python training/export.py --run_dir runs/demo [--checkpoint best|latest|<dir>] [--push_to_hub user/repo]
+        [--weights_dtype float16]
 
 The checkpoint may also be an averaged model (training/average_checkpoints.py). It is scored on the run's test split
 (validation when there is none), so the card reports this model's own sacreBLEU and chrF.
@@ -10,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from transformers import AutoTokenizer, HfArgumentParser
 
@@ -29,10 +31,17 @@ class ExportArguments:
     checkpoint: str = field(default="best", metadata={"help": "best, latest, or a checkpoint / averaged directory."})
     output_dir: str | None = field(default=None, metadata={"help": "Default: <run_dir>/export-<checkpoint name>."})
     push_to_hub: str | None = field(default=None, metadata={"help": "Repo id to upload the export to."})
+    shown_as: str | None = field(default=None, metadata={
+        "help": "The name the card loads the model by in its examples (default: --push_to_hub, else the folder)."})
+    weights_dtype: str | None = field(default=None, metadata={
+        "help": "float16 or bfloat16: store the weights in half precision (half the size); they still load in "
+                "float32 unless the user asks for another dtype."})
 
 
 def main(argv: list[str] | None = None) -> Path:
     (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    if args.weights_dtype not in (None, "float16", "bfloat16"):
+        raise ValueError(f"weights_dtype must be float16 or bfloat16 (got {args.weights_dtype!r})")
     run_dir = Path(args.run_dir)
     run_args = json.loads((run_dir / "run_args.json").read_text())
     checkpoint = resolve_checkpoint(run_dir / "checkpoints", args.checkpoint)
@@ -56,7 +65,8 @@ def main(argv: list[str] | None = None) -> Path:
         model.cpu(), tokenizer, Path(args.output_dir or run_dir / f"export-{checkpoint.name}"), run_args=run_args,
         scores=scores, eval_split=eval_split, steps=steps, example_source=evaluation[eval_split][0]["source"],
         filtered=json.loads((run_dir / "data_stats.json").read_text())["train_pairs"],
-        learning_curve=run_dir / "learning_curve.png", repo_id=args.push_to_hub, skipped_steps=skipped_steps)
+        learning_curve=run_dir / "learning_curve.png", repo_id=args.push_to_hub, skipped_steps=skipped_steps,
+        weights_dtype=getattr(torch, args.weights_dtype) if args.weights_dtype else None, shown_as=args.shown_as)
     print(f"Exported {checkpoint} to {export_dir}: {eval_split} BLEU {scores['bleu']:.2f}, chrF {scores['chrf']:.2f}")
     if args.push_to_hub:
         push_export_to_hub(export_dir, args.push_to_hub)

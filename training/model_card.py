@@ -122,23 +122,27 @@ def filtered_text(filtered: dict, config, family: dict) -> str:
 
 def export_with_card(model, tokenizer, export_dir: Path, *, run_args: dict, scores: dict, eval_split: str,
                      filtered: dict, steps: int, example_source: str, learning_curve: Path | None = None,
-                     repo_id: str | None = None, skipped_steps: int = 0) -> Path:
+                     repo_id: str | None = None, skipped_steps: int = 0, weights_dtype=None,
+                     shown_as: str | None = None) -> Path:
     """`export_for_hub` (a WeakNAT) or a plain MarianMTModel folder (the AR baseline), then README.md (the card), the
     learning curve it shows and eval_results.json. Weights holding NaN or infinity are refused before anything is
-    written (NonFiniteWeightsError naming the step and the first bad tensor)."""
+    written (NonFiniteWeightsError naming the step and the first bad tensor). `weights_dtype`: a WeakNAT's weights
+    stored in that dtype (`export_for_hub`). `shown_as`: the name the card loads the model by in its examples (a Hub
+    id or a path; default: `repo_id`, else the export folder)."""
     refuse_non_finite(model.state_dict(), f"an export to {export_dir}", steps)
     if model.config.model_type == "weaknat":
-        export_dir = export_for_hub(model, export_dir, tokenizer)
+        export_dir = export_for_hub(model, export_dir, tokenizer, weights_dtype=weights_dtype)
     else:
         export_marian(model, tokenizer, export_dir)
         export_dir = Path(export_dir)
     if learning_curve is not None and Path(learning_curve).is_file():
         shutil.copyfile(learning_curve, export_dir / "learning_curve.png")
     num_parameters = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("weak_ar."))
-    card = build_model_card(model_name=repo_id.split("/")[-1] if repo_id else Path(export_dir).resolve().parent.name,
+    shown_as = shown_as or repo_id
+    card = build_model_card(model_name=shown_as.split("/")[-1] if shown_as else Path(export_dir).resolve().parent.name,
                             config=model.config, num_parameters=num_parameters, scores=scores, eval_split=eval_split,
                             data=run_args["data"], training=run_args["training"], filtered=filtered, steps=steps,
-                            example_source=example_source, repo_or_path=repo_id or str(export_dir),
+                            example_source=example_source, repo_or_path=shown_as or str(export_dir),
                             skipped_steps=skipped_steps)
     card.save(export_dir / "README.md")
     kept = {k: v for k, v in scores.items() if k != "predictions"}

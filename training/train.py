@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, get_inverse_sqrt_schedule, pipeline
+from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, get_inverse_sqrt_schedule, pipeline
 
 from hf_weaknat import WeakNATForConditionalGeneration, push_export_to_hub  # also registers the weaknat Auto classes
 from hf_weaknat.tokenization_weaknat import blank_token_id
@@ -25,9 +25,10 @@ from training.ar_baseline import build_marian_baseline, generation_limits
 from training.arguments import DataArguments, ModelSection, TrainingArguments, parse_arguments, weaknat_config
 from training.checkpoints import (
     MODEL_DIR, STATE_FILE, DamagedCheckpointError, TrainState, checkpoint_problem, checkpoint_step,
-    complete_checkpoints, describe_checkpoint, newest_loadable_checkpoint, resolve_checkpoint, set_aside,
+    complete_checkpoints, describe_checkpoint, drop_tied_copies, newest_loadable_checkpoint, resolve_checkpoint,
+    set_aside,
 )
-from training.evaluation import evaluate_split
+from training.evaluation import evaluate_split, score_translations
 from training.model_card import export_with_card
 from training.records import MetricsLog, plot_learning_curve
 from training.trainer import Trainer
@@ -40,7 +41,7 @@ def build_accelerator(model: ModelSection, train_args: TrainingArguments) -> Acc
     trackers = [t for t in train_args.report_to.split(",") if t and t != "none"]
     if "tensorboard" in trackers and not _tensorboard_installed():
         trackers.remove("tensorboard")
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=train_args.mixed_precision, log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=train_args.output_dir,
                                             logging_dir=str(Path(train_args.output_dir) / "logs")),
@@ -48,6 +49,8 @@ def build_accelerator(model: ModelSection, train_args: TrainingArguments) -> Acc
         # the schedule is written in optimizer steps: accelerate would otherwise step it once per process
         step_scheduler_with_optimizer=False,
     )
+    accelerator.register_save_state_pre_hook(drop_tied_copies)
+    return accelerator
 
 
 def _tensorboard_installed() -> bool:
@@ -188,27 +191,60 @@ def finish(trainer: Trainer):
     if skipped:
         acc.print(f"Warning: {skipped} update(s) of this run were skipped for a non-finite loss or gradients (the "
                   "'skipped' records of metrics.jsonl say when and why)")
-    show_translations(export_dir, trainer.evaluation[eval_split]["source"][:3], acc.print)
+    examples = trainer.evaluation[eval_split]
+    if args.compare_with:
+        try:
+            compare_with_reference(export_dir, args.compare_with, examples, scores, eval_split, acc.print)
+        except (OSError, ValueError) as error:  # the run's own export is complete: say so, not a traceback
+            acc.print(f"Warning: the comparison with {args.compare_with} failed ({error}); the export is complete")
+    else:
+        show_translations(export_dir, examples["source"][:3], acc.print)
+
+
+def translate_with(model_dir, sources: list[str]) -> list[str]:
+    """Translate with a saved model the way its users will: the pipeline for a WeakNAT, `generate` with beam 5 for
+    the Marian baseline (transformers 5 has no translation pipeline)."""
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+    if model.config.model_type == "weaknat":
+        translator = pipeline("weaknat-translation", model=model, tokenizer=str(model_dir))
+        return [o["translation_text"] for o in translator(list(sources), batch_size=64)]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    batch = tokenizer(list(sources), padding=True, return_tensors="pt")
+    ids = model.generate(**batch, num_beams=5, **generation_limits(model, batch["input_ids"]))
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 def show_translations(export_dir: Path, sources: list[str], print_function):
-    """Translate a few sentences with the export itself, the way its users will: the pipeline for a WeakNAT,
-    `generate` with beam 5 for the Marian baseline (transformers 5 has no translation pipeline)."""
-    model = AutoModelForSeq2SeqLM.from_pretrained(export_dir)
-    if model.config.model_type == "weaknat":
-        outputs = [o["translation_text"] for o in pipeline("weaknat-translation", model=model,
-                                                           tokenizer=str(export_dir))(list(sources))]
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(export_dir)
-        batch = tokenizer(list(sources), padding=True, return_tensors="pt")
-        ids = model.generate(**batch, num_beams=5, **generation_limits(model, batch["input_ids"]))
-        outputs = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    for source, output in zip(sources, outputs):
+    for source, output in zip(sources, translate_with(export_dir, sources)):
         print_function(f"  {source}\n  -> {output}")
+
+
+def compare_with_reference(export_dir: Path, reference: str, examples, scores: dict, split: str, print_function,
+                           shown: int = 3):
+    """The run's export against a reference model (`compare_with`, e.g. the shipped one) on the same split: both
+    BLEU scores, and the first `shown` sentences as each translates them."""
+    sources = list(examples["source"])
+    reference_output = translate_with(reference, sources)
+    reference_scores = score_translations(reference_output, list(examples["target"]))
+    print_function(f"{split} BLEU over the same {len(sources)} sentences: this run {scores['bleu']:.2f}, "
+                   f"{reference} {reference_scores['bleu']:.2f}")
+    for source, ours, theirs in zip(sources[:shown], translate_with(export_dir, sources[:shown]),
+                                    reference_output[:shown]):
+        print_function(f"  {source}\n    this run:  {ours}\n    reference: {theirs}")
+
+
+def check_reference(reference: str | None):
+    """A `compare_with` model that cannot be found fails before training, not after it."""
+    if reference:
+        try:
+            AutoConfig.from_pretrained(reference)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"compare_with={reference!r}: no model there ({error})") from error
 
 
 def main(argv: list[str] | None = None):
     model_section, data_args, train_args = parse_arguments(argv)
+    check_reference(train_args.compare_with)
     accelerator = build_accelerator(model_section, train_args)
     accelerator.print(f"{accelerator.num_processes} process(es), {accelerator.distributed_type}, "
                       f"mixed precision {accelerator.mixed_precision}")

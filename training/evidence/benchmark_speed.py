@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--reference", default=str(MULTI30K / "test.en"), help="test references, one per line")
     p.add_argument("--nar", help="exported WeakNAT directory (default: random weights at --sizes)")
     p.add_argument("--ar", help="MarianMTModel directory (default: random weights at --sizes)")
+    p.add_argument("--ar_sizes", metavar="D_MODEL,LAYERS,HEADS,FFN",
+                   help="random AR at these sizes instead of the base size (e.g. a lost teacher's: 256,3,4,1024)")
     p.add_argument("--upsample_ratio", type=int, default=3, help="random NAR: CTC frames per source token")
     p.add_argument("--nar_layers", help="random NAR: ENCODER,DECODER layers (default: the size's, e.g. 6,6); a deep "
                                         "encoder with a shallow decoder costs less per frame")
@@ -550,7 +552,9 @@ def main(argv=None):
         shared, tokenizer_origin = shared_tokenizer(args)
     tokenizers = {"nar": model_tokenizer(args.nar, shared), "ar": model_tokenizer(args.ar, shared)}
     sizes = QUICK_SIZES if args.quick else BASE_SIZES
-    nar, ar = build_nar(args, sizes, len(tokenizers["nar"])), build_ar(args, sizes, tokenizers["ar"])
+    ar_sizes = (dict(zip(("d_model", "layers", "heads", "ffn"), map(int, args.ar_sizes.split(","))))
+                if args.ar_sizes else sizes)
+    nar, ar = build_nar(args, sizes, len(tokenizers["nar"])), build_ar(args, ar_sizes, tokenizers["ar"])
     forced_length = not args.ar
     report = {"environment": environment(args, devices),
               "setup": describe_setup(args, nar, ar, tokenizer_origin, forced_length), "results": {}}
