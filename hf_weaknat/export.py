@@ -19,7 +19,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # Everything modeling_weaknat.py imports, with the pipeline. weak_ar.py and glancing.py only run in training, but the
 # modeling file imports them, and shipping them keeps an export's code identical to the package's.
 REMOTE_CODE_FILES = ("configuration_weaknat.py", "modeling_weaknat.py", "layers.py", "ctc.py", "ctc_generation.py",
-                     "length_prediction.py", "generation.py", "weak_ar.py", "glancing.py", "pipeline_weaknat.py")
+                     "length_prediction.py", "generation.py", "weak_ar.py", "glancing.py", "pipeline_weaknat.py",
+                     "saved_files.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_weaknat.WeakNATConfig",
     "AutoModel": "modeling_weaknat.WeakNATModel",

@@ -12,6 +12,7 @@ the weak AR decoders exist only while `config.weak_ar_layers > 0` (`export.py` w
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from .generation import finish_generation, prepare_generation
 from .glancing import glancing_frame_inputs, glancing_target_inputs
 from .layers import WeakNATDecoderLayer, WeakNATEncoderLayer, WeakNATScaledEmbedding
 from .length_prediction import WeakNATLengthPredictor, vanilla_decoder_inputs, vanilla_generate, vanilla_loss_terms
+from .saved_files import check_saved_files
 from .weak_ar import WeakARDecoders, multitask_loss
 
 logger = logging.get_logger(__name__)
@@ -120,6 +122,14 @@ class WeakNATPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["WeakNATEncoderLayer", "WeakNATDecoderLayer"]
     _input_embed_layer = "shared"  # transformers' get/set_input_embeddings then find `shared` and `model.shared`
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, after checking a local folder's files: a damaged one (truncated JSON,
+        cut weights) is an OSError naming it and its fault (`saved_files.py`)."""
+        if pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
+            check_saved_files(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _init_weights(self, module):
         """transformers' default (N(0, init_std)), or with `init_scheme="fairseq"` the authors' fairseq scheme:

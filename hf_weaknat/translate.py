@@ -92,8 +92,11 @@ def load_model(model_name: str, engine: str, device: str, onnx_file: str | None,
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     import hf_weaknat  # noqa: F401  (registers the weaknat model type)
+    from hf_weaknat.saved_files import check_saved_files
 
     try:
+        if os.path.isdir(model_name):  # a damaged file is named, whichever loads it first
+            check_saved_files(model_name)
         tokenizer = AutoTokenizer.from_pretrained(model_name)
         if engine == "torch":
             if num_threads:

@@ -25,7 +25,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 def teacher_run(tokenizer_dir, tmp_path_factory):
     """A tiny MarianMTModel trained by train.py on the demo recipe: the AR baseline, and the teacher below."""
     run_dir = tmp_path_factory.mktemp("marian") / "run"
-    result = run([sys.executable, TRAIN, DEMO, *TINY, "--model_type", "marian", "--tokenizer_name", str(tokenizer_dir),
+    # the demo's sizes, with its NAR-only upsampling ratio back at the default (the baseline refuses NAR-only values)
+    result = run([sys.executable, TRAIN, DEMO, *TINY, "--model_type", "marian", "--upsample_ratio", "3",
+                  "--tokenizer_name", str(tokenizer_dir),
                   "--max_steps", "12", "--eval_steps", "6", "--save_steps", "6", "--report_to", "none",
                   "--output_dir", str(run_dir)])
     return run_dir, result.stdout + result.stderr

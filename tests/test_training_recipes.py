@@ -185,7 +185,8 @@ def test_the_marian_baseline_refuses_every_weaknat_only_field(name, tmp_path):
             arguments.parse_arguments(argv)
 
 
-@pytest.mark.parametrize("recipe", NAR_RECIPES)
+# the main job's recipe picks a NAR-only shape for speed (upsample_ratio 2); its AR counterpart is the teacher's recipe
+@pytest.mark.parametrize("recipe", [r for r in NAR_RECIPES if r != "demo.yaml"])
 def test_a_nar_recipe_trains_the_marian_baseline_with_its_shared_fields(recipe, tokenizer):
     """The recipes keep WeakNAT-only fields at their defaults, so each also serves `--model_type marian`."""
     model, _, _ = arguments.parse_arguments([str(CONFIGS / recipe), "--model_type", "marian"])

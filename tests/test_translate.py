@@ -186,3 +186,12 @@ def test_onnx_engine_translates_as_torch_and_makes_its_graph_once(tmp_path, expo
     assert len(list((tmp_path / "cache" / "onnx").glob("*/model_int8.onnx"))) == 1
     status, second = translate(tmp_path, export, data, "--engine", "onnx")
     assert status == 0 and second == first and "making" not in capsys.readouterr().err
+
+
+def test_a_binary_file_is_refused_naming_its_lines_and_nothing_is_written(tmp_path, export, capsys):
+    (tmp_path / "output.txt").write_text("an earlier complete translation\n")
+    binary = bytes(range(256)) * 8 + b"\n\x00\x01\x02\n" + bytes(range(255, -1, -1))  # NULs, bad UTF-8, no text
+    status, output = translate(tmp_path, export, binary)
+    assert status == 1 and output == b"an earlier complete translation\n"
+    assert "9 line(s) of the input are not valid UTF-8: line 2, 3, 4, 5, 6, 7, 8, 9, 11." in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.txt", "output.txt"]

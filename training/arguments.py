@@ -144,6 +144,9 @@ class TrainingArguments:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest, best or a path."})
     report_to: str = field(default="tensorboard", metadata={"help": "Accelerate trackers, comma-separated, or none."})
     push_to_hub: str | None = field(default=None, metadata={"help": "Repo id to upload the export to."})
+    allow_recipe_change: str | None = field(default=None, metadata={
+        "help": "Resuming: fields (comma-separated) that may differ from the recipe the run was trained with, e.g. "
+                "learning_rate,dropout. Stopping, logging, validation and saving settings may always change."})
     compare_with: str | None = field(default=None, metadata={
         "help": "A trained model (directory or Hub repo id) that translates the same test sentences at the end: both "
                 "BLEU scores and a few translations side by side."})

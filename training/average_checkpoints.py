@@ -14,8 +14,9 @@ from transformers import HfArgumentParser
 
 from training.checkpoints import (
     CHECKPOINT_NAME, NonFiniteWeightsError, best_score, complete_checkpoints, describe_checkpoint,
-    first_non_finite, load_checkpoint_model,
+    first_non_finite, load_checkpoint_model, written_whole,
 )
+from training.run_lock import own_run_folder
 
 
 def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -50,7 +51,8 @@ def average_checkpoints(checkpoints: list[Path], output_dir: Path) -> Path:
                                         f"in weight {bad}: {others}")
     averaged = average_state_dicts([m.state_dict() for m in models])  # the mean of finite weights is finite
     models[0].load_state_dict(averaged)
-    models[0].save_pretrained(output_dir)
+    with written_whole(output_dir, "the averaged model") as folder:  # complete, or not there at all
+        models[0].save_pretrained(folder)
     return Path(output_dir)
 
 
@@ -74,6 +76,12 @@ class AverageArguments:
 
 def main(argv: list[str] | None = None) -> Path:
     (args,) = HfArgumentParser(AverageArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    # a run's checkpoints are chosen and read while no run writes (or rotates them) there
+    with own_run_folder(args.run_dir, "training/average_checkpoints.py", enabled=bool(args.run_dir)):
+        return average_chosen(args)
+
+
+def average_chosen(args: AverageArguments) -> Path:
     if args.checkpoints:
         checkpoints = [Path(c) for c in args.checkpoints]
     elif args.run_dir and (args.best or args.last):

@@ -10,7 +10,9 @@ first bad tensor), and a checkpoint damaged after it was written (a truncated or
 `checkpoint_problem` before anything tries to load it.
 """
 
+import contextlib
 import dataclasses
+import errno
 import json
 import re
 import shutil
@@ -28,6 +30,11 @@ DAMAGED_PREFIX = "damaged-"  # where resume sets a damaged checkpoint aside: inv
 
 class NonFiniteWeightsError(ValueError):
     """Weights holding NaN or infinity were about to be written (a checkpoint, an average or an export)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a failed write); the message names it, the cause and the
+    newest complete checkpoint. The run stops: training on without checkpoints would lose its work."""
 
 
 class DamagedCheckpointError(RuntimeError):
@@ -121,19 +128,40 @@ def save_checkpoint(accelerator, model, root: Path, state: TrainState, keep_last
         remove_directory(temp)  # a leftover of a save that was killed
         temp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temp))
-    weights = accelerator.get_state_dict(model)  # on every process: FSDP gathers the full weights here
-    accelerator.unwrap_model(model).save_pretrained(temp / MODEL_DIR, state_dict=weights,
-                                                    save_function=accelerator.save,
-                                                    is_main_process=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
+    failure = None
+    try:
+        accelerator.save_state(str(temp))
+        weights = accelerator.get_state_dict(model)  # on every process: FSDP gathers the full weights here
+        accelerator.unwrap_model(model).save_pretrained(temp / MODEL_DIR, state_dict=weights,
+                                                        save_function=accelerator.save,
+                                                        is_main_process=accelerator.is_main_process)
+        if accelerator.is_main_process:
+            state.save(temp / STATE_FILE)  # last file written: its presence marks the checkpoint complete
+    except OSError as error:  # a full disk, a quota, a vanished mount: on any process, every process stops
+        failure = error
+    failed = accelerator.reduce(torch.tensor([float(failure is not None)], device=accelerator.device), "sum")
+    if failed.item() > 0:
+        if accelerator.is_main_process:
+            shutil.rmtree(temp, ignore_errors=True)
+        raise CheckpointWriteError(write_failure_message(f"checkpoint {final}", failure, root))
     if accelerator.is_main_process:
-        state.save(temp / STATE_FILE)  # last file written: its presence marks the checkpoint complete
         remove_directory(final)  # only when re-saving a step after resuming from an older checkpoint
         temp.rename(final)
         rotate_checkpoints(root, state, keep_last, keep_best)
     accelerator.wait_for_everyone()
     return final
+
+
+def write_failure_message(what: str, error: OSError | None, root: Path) -> str:
+    """What failed, where and why, and what still stands (the complete checkpoints under `root`)."""
+    cause = (f"{error.strerror or error} ({errno.errorcode.get(error.errno, error.errno)})"
+             f"{f' writing {error.filename}' if error.filename else ''}" if error is not None
+             else "a write failed on another process")
+    newest = complete_checkpoints(root)
+    stands = (f"The checkpoints written before it are intact (newest: {newest[-1]}): free space or fix the cause, "
+              "then continue with --resume_from_checkpoint latest" if newest else
+              "No earlier checkpoint exists: free space or fix the cause and train again")
+    return f"Could not write {what}: {cause}. Nothing of it was kept. {stands}."
 
 
 def rotate_checkpoints(root: Path, state: TrainState, keep_last: int, keep_best: int):
@@ -159,6 +187,29 @@ def remove_directory(path: Path):
         shutil.rmtree(trash, ignore_errors=True)
         path.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def written_whole(final: Path, what: str):
+    """A directory that appears complete at `final` or not at all: the block writes into the yielded temporary
+    sibling, which replaces `final` (an earlier version is removed only then) when the block succeeds. A failed
+    write removes the temporary directory and raises OSError naming `what`, `final` and the cause."""
+    final = Path(final)
+    temp = final.with_name(f".tmp-{final.name}")
+    remove_directory(temp)  # a leftover of a write that was killed
+    temp.mkdir(parents=True)
+    try:
+        yield temp
+    except OSError as error:
+        shutil.rmtree(temp, ignore_errors=True)
+        cause = f"{error.strerror or error}{f' writing {error.filename}' if error.filename else ''}"
+        raise OSError(error.errno, f"Could not write {what} {final}: {cause}. Nothing of it was kept"
+                      + (f"; the earlier {final} is untouched" if final.exists() else "")) from error
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    remove_directory(final)
+    temp.rename(final)
 
 
 # ----------------------------------------------------------------------------------------------------------------

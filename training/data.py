@@ -344,8 +344,11 @@ def tokenize_training_split(accelerator, train, tokenizer, config):
     train, counts = drop_unfit_pairs(train)
     target_reason = (f"whose target cannot fit {config.upsample_ratio} frames per source token"
                      if frames_per_token(config) else f"with a target over {limit} tokens")
-    if counts["kept"] == 0:
-        raise ValueError(f"No trainable pair left: {counts}")
+    if counts["kept"] == 0:  # before training starts, not as an empty epoch that never ends
+        left_out = ", ".join(f"{n} {label}" for label, n in counts.items() if label != "kept" and n)
+        raise DataError(f"No trainable pair left after filtering the {sum(counts.values())} training pairs "
+                        f"({left_out or 'the split is empty'}). Check the data (and its languages), or raise "
+                        f"max_position_embeddings / upsample_ratio if the pairs are too long for the model")
     also = "".join(f", {counts[label]} {what}" for label, what in (
         ("length_offset_out_of_range", f"whose length offset is beyond +-{length_offset_range(config)}"),
         ("empty_source", "with an empty source"), ("invalid_utf8", "with a line that is not valid UTF-8"))

@@ -23,6 +23,7 @@ from training.checkpoints import (
 from training.data import load_evaluation_splits, tokenize_evaluation_splits
 from training.evaluation import evaluate_split
 from training.model_card import export_with_card
+from training.run_lock import own_run_folder
 
 
 @dataclass
@@ -42,6 +43,11 @@ def main(argv: list[str] | None = None) -> Path:
     (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     if args.weights_dtype not in (None, "float16", "bfloat16"):
         raise ValueError(f"weights_dtype must be float16 or bfloat16 (got {args.weights_dtype!r})")
+    with own_run_folder(args.run_dir, "training/export.py"):  # not while a run trains there
+        return export_checkpoint(args)
+
+
+def export_checkpoint(args: ExportArguments) -> Path:
     run_dir = Path(args.run_dir)
     run_args = json.loads((run_dir / "run_args.json").read_text())
     checkpoint = resolve_checkpoint(run_dir / "checkpoints", args.checkpoint)

@@ -12,7 +12,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_weaknat import export_for_hub
 from training.ar_baseline import export_marian
-from training.checkpoints import refuse_non_finite
+from training.checkpoints import refuse_non_finite, written_whole
 
 CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 # What differs between the two model families train.py exports, by config.model_type
@@ -130,21 +130,22 @@ def export_with_card(model, tokenizer, export_dir: Path, *, run_args: dict, scor
     stored in that dtype (`export_for_hub`). `shown_as`: the name the card loads the model by in its examples (a Hub
     id or a path; default: `repo_id`, else the export folder)."""
     refuse_non_finite(model.state_dict(), f"an export to {export_dir}", steps)
-    if model.config.model_type == "weaknat":
-        export_dir = export_for_hub(model, export_dir, tokenizer, weights_dtype=weights_dtype)
-    else:
-        export_marian(model, tokenizer, export_dir)
-        export_dir = Path(export_dir)
-    if learning_curve is not None and Path(learning_curve).is_file():
-        shutil.copyfile(learning_curve, export_dir / "learning_curve.png")
+    export_dir = Path(export_dir)
     num_parameters = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("weak_ar."))
     shown_as = shown_as or repo_id
-    card = build_model_card(model_name=shown_as.split("/")[-1] if shown_as else Path(export_dir).resolve().parent.name,
+    card = build_model_card(model_name=shown_as.split("/")[-1] if shown_as else export_dir.resolve().parent.name,
                             config=model.config, num_parameters=num_parameters, scores=scores, eval_split=eval_split,
                             data=run_args["data"], training=run_args["training"], filtered=filtered, steps=steps,
                             example_source=example_source, repo_or_path=shown_as or str(export_dir),
                             skipped_steps=skipped_steps)
-    card.save(export_dir / "README.md")
     kept = {k: v for k, v in scores.items() if k != "predictions"}
-    (export_dir / "eval_results.json").write_text(json.dumps({"split": eval_split, "step": steps, **kept}, indent=2))
+    with written_whole(export_dir, "the export") as folder:  # a failed write leaves no export that looks complete
+        if model.config.model_type == "weaknat":
+            export_for_hub(model, folder, tokenizer, weights_dtype=weights_dtype)
+        else:
+            export_marian(model, tokenizer, folder)
+        if learning_curve is not None and Path(learning_curve).is_file():
+            shutil.copyfile(learning_curve, folder / "learning_curve.png")
+        card.save(folder / "README.md")
+        (folder / "eval_results.json").write_text(json.dumps({"split": eval_split, "step": steps, **kept}, indent=2))
     return export_dir

@@ -11,6 +11,7 @@ end, `export/`: the Hub checkpoint without the weak AR decoders, with its card.
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -30,7 +31,9 @@ from training.checkpoints import (
 )
 from training.evaluation import evaluate_split, score_translations
 from training.model_card import export_with_card
+from training.preemption import TrainingStopped
 from training.records import MetricsLog, plot_learning_curve
+from training.run_lock import RunFolderBusy, RunFolderOwner
 from training.trainer import Trainer
 
 
@@ -157,6 +160,50 @@ def run_description(model: ModelSection, data_args, train_args, config) -> dict:
             "training": dataclasses.asdict(train_args), "model_config": config.to_dict()}
 
 
+# What a resumed run may change freely: when it stops, how often it logs, validates and saves, where it reports.
+# Every other field (the model, the data, the optimisation, the seed) changes what the run computes.
+BOOKKEEPING_FIELDS = {
+    "data": {"validation_split", "test_split", "max_eval_samples"},
+    "training": {"output_dir", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+                 "keep_best", "early_stopping_patience", "max_consecutive_nonfinite_steps", "resume_from_checkpoint",
+                 "report_to", "push_to_hub", "compare_with", "allow_recipe_change"},
+    "model_config": {"transformers_version", "architectures", "_name_or_path", "dtype"},
+}
+
+
+def recipe_changes(saved: dict, given: dict) -> dict[str, tuple]:
+    """{section.field: (saved value, given value)} for each field that differs and is not bookkeeping."""
+    changes = {}
+    for section in ("model_config", "data", "training"):
+        old, new = saved.get(section, {}), given[section]
+        ignored = BOOKKEEPING_FIELDS.get(section, set())
+        if section == "model_config" and not new.get("glancing"):  # follows max_steps, read only when glancing
+            ignored = ignored | {"glancing_anneal_steps"}
+        for name in sorted(set(old) | set(new)):
+            if name not in ignored and old.get(name) != new.get(name):
+                changes[f"{section.replace('model_config', 'model')}.{name}"] = (old.get(name), new.get(name))
+    return changes
+
+
+def check_recipe_unchanged(run_dir: Path, given: dict, allowed: str | None):
+    """Refuse to resume with a recipe whose model, data or optimisation fields differ from the run's (naming each),
+    unless `--allow_recipe_change` lists them. Shapes that differ cannot load whatever is allowed."""
+    saved_path = run_dir / "run_args.json"
+    if not saved_path.is_file():
+        return
+    allowed = {name.strip() for name in (allowed or "").split(",") if name.strip()}
+    given = json.loads(json.dumps(given))  # as run_args.json holds it (keys become strings)
+    changes = recipe_changes(json.loads(saved_path.read_text()), given)
+    refused = {k: v for k, v in changes.items() if k.split(".", 1)[1] not in allowed and k not in allowed}
+    if refused:
+        listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in refused.items())
+        raise ValueError(
+            f"Cannot resume {run_dir} with a different recipe: {listed}. Resume with the recipe it was trained with "
+            f"({saved_path}), or, to change the run on purpose from here, pass --allow_recipe_change "
+            f"{','.join(k.split('.', 1)[1] for k in refused)} (fields that change parameter shapes still cannot "
+            "load). Stopping, logging, validation and saving settings can change freely.")
+
+
 def save_run_description(run_dir: Path, description: dict, filtered: dict):
     """What export.py needs later to rebuild data and write the card for any checkpoint of this run."""
     (run_dir / "run_args.json").write_text(json.dumps(description, indent=2))
@@ -242,12 +289,40 @@ def check_reference(reference: str | None):
             raise ValueError(f"compare_with={reference!r}: no model there ({error})") from error
 
 
+def own_run_folder_everywhere(accelerator, run_dir: Path) -> RunFolderOwner | None:
+    """The main process takes the run folder (run_lock.py); every process learns whether it could, so that none
+    trains when the folder belongs to another run."""
+    owner, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            owner = RunFolderOwner(run_dir, "training/train.py", accelerator.print).acquire()
+        except RunFolderBusy as error:
+            refusal = error
+    if accelerator.num_processes > 1:
+        refused = accelerator.reduce(torch.tensor([float(refusal is not None)], device=accelerator.device), "sum")
+        if refused.item() > 0 and refusal is None:
+            refusal = RunFolderBusy(f"{run_dir} is in use by another run (the main process's error names it)")
+    if refusal is not None:
+        raise refusal
+    return owner
+
+
 def main(argv: list[str] | None = None):
     model_section, data_args, train_args = parse_arguments(argv)
     check_reference(train_args.compare_with)
     accelerator = build_accelerator(model_section, train_args)
     accelerator.print(f"{accelerator.num_processes} process(es), {accelerator.distributed_type}, "
                       f"mixed precision {accelerator.mixed_precision}")
+    owner = own_run_folder_everywhere(accelerator, Path(train_args.output_dir))
+    try:
+        train_and_export(accelerator, model_section, data_args, train_args)
+    finally:
+        if owner is not None:
+            owner.release()
+
+
+def train_and_export(accelerator, model_section: ModelSection, data_args: DataArguments,
+                     train_args: TrainingArguments):
     run_dir = Path(train_args.output_dir)
     checkpoint = resume_checkpoint(run_dir, train_args, accelerator.print)
     accelerator.wait_for_everyone()  # every process chose its checkpoint before damaged ones are set aside
@@ -259,6 +334,9 @@ def main(argv: list[str] | None = None):
     tokenizer = run_tokenizer(accelerator, data_args, run_dir, train, model_section.resolved.max_position_embeddings)
     set_seed(train_args.seed)  # same initial weights everywhere (DDP would broadcast them anyway)
     model = build_model(model_section, tokenizer, train_args.max_steps)
+    if checkpoint is not None:  # the recipe it was trained with, against the one given now
+        check_recipe_unchanged(run_dir, run_description(model_section, data_args, train_args, model.config),
+                               train_args.allow_recipe_change)
     train, filtered = data.tokenize_training_split(accelerator, train, tokenizer, model.config)
     evaluation = data.tokenize_evaluation_splits(accelerator, data.load_evaluation_splits(data_args), tokenizer,
                                                  model.config)
@@ -282,7 +360,11 @@ def main(argv: list[str] | None = None):
     accelerator.init_trackers("weaknat", config=tracker_config(description))
     trainer = Trainer(accelerator, model, optimizer, scheduler, tokenizer, train, evaluation, filtered, data_args,
                       train_args, state, resumed_from=checkpoint)
-    trainer.run()
+    try:
+        trainer.run()
+    except TrainingStopped:  # a signal: the checkpoint is saved, the run is not finished (no test score, no export)
+        accelerator.end_training()
+        raise
     finish(trainer)
     if accelerator.is_main_process and train_args.push_to_hub:
         push_export_to_hub(run_dir / "export", train_args.push_to_hub)
@@ -298,4 +380,7 @@ def tracker_config(description: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except TrainingStopped as stopped:  # SIGTERM / SIGINT, after the checkpoint: 143 / 130
+        sys.exit(stopped.exit_status)

@@ -6,10 +6,14 @@ Divergence is never silent: a step whose loss (on any process) or gradients are 
 update is skipped with a warning and a `"split": "skipped"` record in metrics.jsonl, and after
 `max_consecutive_nonfinite_steps` such steps in a row the run stops with TrainingDiverged. A skipped step does not
 count as an optimizer step (the schedule and `max_steps` wait for a good one); its batches are consumed.
+
+Preemption is never lossy: SIGTERM or SIGINT stops the run after the current update with a checkpoint
+(preemption.py).
 """
 
 import contextlib
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -18,7 +22,9 @@ from tqdm.auto import tqdm
 
 from training.batching import TrainingBatches, collate, optimizer_steps
 from training.checkpoints import save_checkpoint
+from training.data import DataError
 from training.evaluation import evaluate_split
+from training.preemption import StopRequests, TrainingStopped
 from training.records import MetricsLog
 
 
@@ -107,8 +113,28 @@ class Trainer:
         self.last_saved_step, self.last_saved_path = (state.step, resumed_from) if resumed_from else (None, None)
         self.bar = None
         self.nonfinite_in_a_row = 0
+        self.stopped_by = None  # the signal that stopped the run
 
     def run(self):
+        """Train to `max_steps` (or the early-stopping plateau), then validate and save. A SIGTERM or SIGINT stops
+        the run after the current update with a saved checkpoint: TrainingStopped (preemption.py)."""
+        with StopRequests() as stop:
+            self.train_until_done(stop)
+            if self.stopped_by is not None:  # signals during this save are noted, not obeyed: it completes
+                if self.last_saved_step != self.state.step:
+                    self.save()
+                name = signal.Signals(self.stopped_by).name
+                self.record({"split": "stopped", "step": self.state.step, "signal": name})
+                self.accelerator.print(f"\n{name}: stopped after update {self.state.step}; the checkpoint "
+                                       f"{self.last_saved_path} is complete. Continue with --resume_from_checkpoint "
+                                       "latest")
+                raise TrainingStopped(self.stopped_by, self.state.step, self.last_saved_path)
+            if str(self.state.step) not in self.state.validation_bleu and self.args.eval_steps > 0:
+                self.validate()
+            if self.last_saved_step != self.state.step:
+                self.save()
+
+    def train_until_done(self, stop: StopRequests):
         args, state = self.args, self.state
         self.bar = tqdm(total=args.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
                         disable=not self.accelerator.is_local_main_process)
@@ -118,7 +144,9 @@ class Trainer:
                 self.filtered.update(dict.fromkeys(self.filtered, 0))
             batches = (b for i, b in enumerate(self.batches.epoch(state.epoch))
                        if i >= state.batches_in_epoch)  # resume mid-epoch: skip what this epoch already trained on
+            trained_in_epoch = state.batches_in_epoch
             for group in optimizer_steps(batches, args.gradient_accumulation_steps):
+                trained_in_epoch += len(group)
                 totals = train_step(self.accelerator, self.model, self.optimizer, self.scheduler, group, state.step,
                                     args.max_grad_norm, self.tokenizer.pad_token_id)
                 state.batches_in_epoch += len(group)
@@ -129,17 +157,17 @@ class Trainer:
                 state.step += 1
                 self.bar.update(1)
                 self.after_step(totals)
-                if state.step >= args.max_steps or self.plateaued():
+                self.stopped_by = stop.agreed(self.accelerator)
+                if state.step >= args.max_steps or self.plateaued() or self.stopped_by is not None:
                     break
             else:
+                if trained_in_epoch == 0:  # a stream whose every pair was filtered out: stop, do not spin
+                    raise DataError(f"A whole pass over the training data gave no usable batch "
+                                    f"({dict(self.filtered)}): check the data and the model's length limits")
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                 continue
-            break  # max_steps reached, or the validation BLEU stopped improving
+            break  # max_steps reached, the validation BLEU stopped improving, or a stop signal
         self.bar.close()
-        if str(state.step) not in state.validation_bleu and self.args.eval_steps > 0:
-            self.validate()
-        if self.last_saved_step != state.step:
-            self.save()
 
     def plateaued(self) -> bool:
         """Validation BLEU has not reached a new best for `early_stopping_patience` validations in a row."""

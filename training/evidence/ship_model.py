@@ -29,6 +29,7 @@ from training.checkpoints import CHECKPOINT_NAME, complete_checkpoints
 from training.evidence import recorded_path
 from training.evidence.analyze import analyze, read_lines, translate
 from training.records import plot_learning_curve
+from training.run_lock import own_run_folder
 
 GUARD_SENTENCES = 200
 
@@ -66,6 +67,11 @@ def main(argv=None):
     p.add_argument("--json", type=Path, help="write every measurement here")
     args = p.parse_args(argv)
 
+    with own_run_folder(args.run_dir, "training/evidence/ship_model.py"):  # not while a run trains there
+        return ship(args)
+
+
+def ship(args) -> Path:
     checkpoints = last_checkpoints(args.run_dir, args.last, args.up_to)
     steps = [int(CHECKPOINT_NAME.match(c.name)[1]) for c in checkpoints]
     print(f"averaging checkpoints {steps}", flush=True)
@@ -111,7 +117,8 @@ def main(argv=None):
                         f"greedy_first{GUARD_SENTENCES}_bleu": chosen[f"greedy_first{GUARD_SENTENCES}_bleu"]})
         (folder / "eval_results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
         if args.card_notes:
-            fields = {"greedy_bleu": f"{chosen['greedy']['bleu']:.2f}", "greedy_chrf": f"{chosen['greedy']['chrf']:.2f}",
+            fields = {"greedy_bleu": f"{chosen['greedy']['bleu']:.2f}",
+                      "greedy_chrf": f"{chosen['greedy']['chrf']:.2f}",
                       "beam_bleu": f"{chosen[f'beam{args.num_beams}']['bleu']:.2f}",
                       "beam_chrf": f"{chosen[f'beam{args.num_beams}']['chrf']:.2f}",
                       "float32_greedy_bleu": f"{measured['float32']['greedy']['bleu']:.2f}",

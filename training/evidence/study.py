@@ -37,6 +37,7 @@ from training.checkpoints import complete_checkpoints
 from training.evidence import cpu_model, recorded_path
 from training.evidence.analyze import analyze, read_lines, translate
 from training.records import read_records
+from training.run_lock import own_run_folder
 
 PLATEAU_GAIN = 0.3  # BLEU: a curve has flattened where its best score gains less than this until the end of the run
 
@@ -106,10 +107,11 @@ def scored_checkpoints(grid: dict, run_dir: Path) -> list[Path]:
 def score_run(grid: dict, run_dir: Path) -> dict:
     """Average the run's last checkpoints (up to the budget) and score the average on the test split, greedy and
     with beam search."""
-    checkpoints = scored_checkpoints(grid, run_dir)
-    steps = [int(c.name.split("-")[-1]) for c in checkpoints]
-    averaged = average_checkpoints(checkpoints, run_dir / f"average-{steps[0]}-{steps[-1]}")
-    shutil.copytree(run_dir / "tokenizer", averaged, dirs_exist_ok=True)
+    with own_run_folder(run_dir, "training/evidence/study.py (scoring)"):  # not while a run trains there
+        checkpoints = scored_checkpoints(grid, run_dir)
+        steps = [int(c.name.split("-")[-1]) for c in checkpoints]
+        averaged = average_checkpoints(checkpoints, run_dir / f"average-{steps[0]}-{steps[-1]}")
+        shutil.copytree(run_dir / "tokenizer", averaged, dirs_exist_ok=True)
     data = json.loads((run_dir / "run_args.json").read_text())["data"]
     split = Path(data["dataset"]) / grid["test_split"]
     sources = read_lines(f"{split}.{data['source_lang']}", grid["test_sentences"])
