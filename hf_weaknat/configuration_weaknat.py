@@ -9,8 +9,7 @@ released code; every deviation is a documented field.
 
 import math
 
-from huggingface_hub.dataclasses import strict
-from transformers.configuration_utils import PreTrainedConfig
+from .transformers_compat import PreTrainedConfig, strict
 
 NAR_TYPES = ("ctc", "vanilla")
 DECODER_INPUTS = ("uniform_copy", "placeholder")

@@ -14,13 +14,14 @@ import torch
 
 from .configuration_weaknat import WeakNATConfig
 from .modeling_weaknat import WeakNATForConditionalGeneration
+from .tokenization_weaknat import make_tokenizer_config_portable
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Everything modeling_weaknat.py imports, with the pipeline. weak_ar.py and glancing.py only run in training, but the
 # modeling file imports them, and shipping them keeps an export's code identical to the package's.
 REMOTE_CODE_FILES = ("configuration_weaknat.py", "modeling_weaknat.py", "layers.py", "ctc.py", "ctc_generation.py",
                      "length_prediction.py", "generation.py", "weak_ar.py", "glancing.py", "pipeline_weaknat.py",
-                     "saved_files.py")
+                     "saved_files.py", "transformers_compat.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_weaknat.WeakNATConfig",
     "AutoModel": "modeling_weaknat.WeakNATModel",
@@ -59,9 +60,10 @@ def export_for_hub(model: WeakNATForConditionalGeneration, save_directory, token
     """Write the inference checkpoint to `save_directory` and return its path.
 
     Holds: config.json (AR off, auto_map, custom_pipelines), generation_config.json (the model's `generation_config`:
-    `generate()` defaults), model.safetensors (no `weak_ar.*` keys), the remote code files, and the tokenizer when
-    given. `weights_dtype` (e.g. `torch.float16`): the weights are stored in that dtype, half the size, while
-    config.json keeps the model's own dtype, which `from_pretrained` loads them in unless asked for another.
+    `generate()` defaults), model.safetensors (no `weak_ar.*` keys), the remote code files (they run on transformers
+    4.57+ and 5.x), and the tokenizer when given (its tokenizer_config.json made loadable by 4.x too).
+    `weights_dtype` (e.g. `torch.float16`): the weights are stored in that dtype, half the size, while config.json
+    keeps the model's own dtype, which `from_pretrained` loads them in unless asked for another.
     """
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
@@ -74,6 +76,8 @@ def export_for_hub(model: WeakNATForConditionalGeneration, save_directory, token
         shutil.copyfile(PACKAGE_DIR / name, save_directory / name)
     if tokenizer is not None:
         tokenizer.save_pretrained(save_directory)
+        if (save_directory / "tokenizer_config.json").is_file():  # loadable by transformers 4.x as well
+            make_tokenizer_config_portable(save_directory)
     return save_directory
 
 

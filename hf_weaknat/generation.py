@@ -13,7 +13,8 @@ around that decoding lives here and knows nothing about CTC, so any one-pass dec
    `max_new_tokens`, and transformers' `GenerateEncoderDecoderOutput` / `GenerateBeamEncoderDecoderOutput`.
 
 The model's `generate` runs the network and the decoding in between (CTC: `ctc_generation.py`; vanilla:
-`length_prediction.py`). Shipped as remote code next to the model, so it imports only torch and transformers.
+`length_prediction.py`). Shipped as remote code next to the model, so it imports only torch and transformers (what
+differs between transformers 4.x and 5.x through `transformers_compat.py`).
 """
 
 import warnings
@@ -22,11 +23,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig
 from transformers.generation.logits_process import (EpsilonLogitsWarper, EtaLogitsWarper, InfNanRemoveLogitsProcessor,
-                                                    MinPLogitsWarper, TemperatureLogitsWarper, TopHLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
+                                                    MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper, TypicalLogitsWarper)
 from transformers.generation.utils import (GenerateBeamEncoderDecoderOutput, GenerateEncoderDecoderOutput,
                                            GenerationMixin)
 from transformers.utils import logging
+
+from .transformers_compat import TopHLogitsWarper
 
 logger = logging.get_logger(__name__)
 
@@ -289,7 +292,7 @@ def sampling_warpers(config: GenerationConfig) -> list:
     warpers = []
     if config.temperature is not None and config.temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(config.temperature))
-    if config.top_h is not None:
+    if getattr(config, "top_h", None) is not None:  # 5.x only (TopHLogitsWarper is None on 4.x)
         warpers.append(TopHLogitsWarper(top_h=config.top_h))
     if config.top_k is not None and config.top_k != 0:
         warpers.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))

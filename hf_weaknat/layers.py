@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_weaknat import WeakNATConfig
+from .transformers_compat import attention_interface
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -39,7 +39,7 @@ class WeakNATAttention(nn.Module):
     def forward(self, hidden_states, key_value_states=None, attention_mask=None, **kwargs):
         kv = hidden_states if key_value_states is None else key_value_states
         split = lambda x: x.view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)  # (batch, heads, len, head_dim)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attention = attention_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attention(
             self, split(self.q_proj(hidden_states)), split(self.k_proj(kv)), split(self.v_proj(kv)), attention_mask,
             scaling=self.scaling, dropout=self.dropout if self.training else 0.0, is_causal=self.is_causal, **kwargs,

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import initialization as init
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput, ModelOutput, Seq2SeqModelOutput
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import can_return_tuple, logging
@@ -33,6 +31,7 @@ from .glancing import glancing_frame_inputs, glancing_target_inputs
 from .layers import WeakNATDecoderLayer, WeakNATEncoderLayer, WeakNATScaledEmbedding
 from .length_prediction import WeakNATLengthPredictor, vanilla_decoder_inputs, vanilla_generate, vanilla_loss_terms
 from .saved_files import check_saved_files
+from .transformers_compat import create_bidirectional_mask, init
 from .weak_ar import WeakARDecoders, multitask_loss
 
 logger = logging.get_logger(__name__)

@@ -7,6 +7,7 @@ The CTC blank gets a fixed id at training time, so models can rely on `BLANK_ID`
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -25,6 +26,10 @@ PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<s>", "</s>", "<unk>"
 # AutoTokenizer never looks at this name, so the directory always loads from tokenizer.json.
 SENTENCEPIECE_FILENAME = "sentencepiece.model"
 _SUPPORTED_MODEL_TYPES = ("unigram", "bpe")  # the only SPM types SpmConverter can convert
+# The class name of a tokenizer.json-backed tokenizer that transformers 4.x and 5.x both load (5.x: an alias of the
+# `TokenizersBackend` it saves by default, a name 4.x does not know)
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+PORTABLE_MODEL_INPUT_NAMES = ("input_ids", "attention_mask")
 
 
 def _iter_lines(texts: Iterable[str] | str | None, files: list[str | Path] | None) -> Iterator[str]:
@@ -143,6 +148,32 @@ def _train_sentencepiece(sentences: list[str], vocab_size: int, model_type: str,
             Path(save_directory).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(model_file, Path(save_directory) / SENTENCEPIECE_FILENAME)
     return backend
+
+
+def make_tokenizer_config_portable(directory: str | Path) -> None:
+    """Rewrite the `tokenizer_config.json` that transformers 5.x saved in `directory` so that 4.x (>= 4.57) loads it
+    too, with the same class behaviour, special tokens and ids (all of them live in `tokenizer.json`, which both read).
+
+    5.x writes `tokenizer_class: "TokenizersBackend"` and the extra special tokens (`<blank>`) as a list under
+    `extra_special_tokens`; 4.x knows neither (it reads `extra_special_tokens` as a dict of named tokens). The file
+    gets `"PreTrainedTokenizerFast"` and `additional_special_tokens`, which 5.x reads as its extra special tokens,
+    `model_input_names` when unset (5.x's default, `input_ids` and `attention_mask`: 4.x's would add `token_type_ids`,
+    which the model does not take), and loses 5.x's record of how it was loaded (`is_local`, `local_files_only`).
+    Another class name is kept as it is.
+    """
+    path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del config["extra_special_tokens"]
+        known = list(config.get("additional_special_tokens") or [])
+        config["additional_special_tokens"] = known + [token for token in extra if token not in known]
+    config.setdefault("model_input_names", list(PORTABLE_MODEL_INPUT_NAMES))
+    for key in ("is_local", "local_files_only"):
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def blank_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

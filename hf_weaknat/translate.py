@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -32,6 +31,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers.utils import cached_file
+
+from .onnx_runtime import INT8_FILE, ORTWeakNATForConditionalGeneration, export_onnx
+from .saved_files import check_saved_files
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 PROGRESS_MIN_LINES = 1000  # shorter inputs finish before a progress bar would say anything
@@ -89,11 +94,6 @@ def one_line(text: str) -> str:
 
 def load_model(model_name: str, engine: str, device: str, onnx_file: str | None, num_threads: int | None):
     """The tokenizer and the model that `generate`s: the PyTorch model on `device`, or ONNX Runtime's int8 graph."""
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    import hf_weaknat  # noqa: F401  (registers the weaknat model type)
-    from hf_weaknat.saved_files import check_saved_files
-
     try:
         if os.path.isdir(model_name):  # a damaged file is named, whichever loads it first
             check_saved_files(model_name)
@@ -104,8 +104,6 @@ def load_model(model_name: str, engine: str, device: str, onnx_file: str | None,
             return tokenizer, AutoModelForSeq2SeqLM.from_pretrained(model_name).to(device).eval()
         if device != "cpu":
             raise TranslateError(f"--engine onnx runs on ONNX Runtime's CPU provider; got --device {device}")
-        from hf_weaknat.onnx_runtime import ORTWeakNATForConditionalGeneration
-
         graph = Path(onnx_file) if onnx_file else cached_int8_graph(model_name)
         # the graph's own config when export_onnx wrote one beside it, else the model's
         config_directory = graph.parent if (graph.parent / "config.json").is_file() else model_name
@@ -120,10 +118,6 @@ def load_model(model_name: str, engine: str, device: str, onnx_file: str | None,
 def cached_int8_graph(model_name: str) -> Path:
     """ONNX Runtime's int8 graph of `model_name`, made by `export_onnx` on first use and kept in the cache, keyed by
     the hash of the weights file (a retrained model at the same path gets a new graph)."""
-    from transformers.utils import cached_file
-
-    from hf_weaknat.onnx_runtime import INT8_FILE, export_onnx
-
     weights = cached_file(model_name, "model.safetensors")
     digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
     cache = Path(os.environ.get("WEAKNAT_CACHE", Path.home() / ".cache" / "hf_weaknat")) / "onnx" / digest
@@ -147,8 +141,6 @@ def cached_int8_graph(model_name: str) -> Path:
 def translate_lines(texts: list[str], tokenizer, model, batch_size: int, generate_kwargs: dict,
                     progress: bool = False) -> list[str]:
     """One translation per text, in input order; empty or whitespace-only texts give ""."""
-    from tqdm.auto import tqdm
-
     limit = model.config.max_position_embeddings
     sources = {i: text.strip() for i, text in enumerate(texts) if text.strip()}
     ids = {i: tokenizer(text)["input_ids"] for i, text in sources.items()}
@@ -263,7 +255,7 @@ def run(args) -> None:
     if args.batch_size < 1:
         raise TranslateError(f"--batch_size must be a positive integer (got {args.batch_size})")
     generate_kwargs = generation_arguments(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or ("cuda" if torch.cuda.is_available() and args.engine == "torch" else "cpu")
     if args.input == "-":
         raw = sys.stdin.buffer.read()
     else:

@@ -17,7 +17,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+from .transformers_compat import create_bidirectional_mask, create_causal_mask
 
 
 def shift_tokens_right(labels, start_token_id, pad_token_id):
@@ -56,7 +57,7 @@ class WeakARDecoder(nn.Module):
         scale = getattr(embed_tokens, "embed_scale", 1.0)
         hidden = F.embedding(decoder_input_ids, weight, embed_tokens.padding_idx) * scale + self.embed_positions(positions)
         hidden = F.dropout(hidden, self.config.dropout, self.training)
-        self_mask = create_causal_mask(self.config, hidden, target_mask, None)  # no cache: teacher forcing
+        self_mask = create_causal_mask(self.config, hidden, target_mask)  # no cache: teacher forcing
         cross_mask = create_bidirectional_mask(self.config, hidden, memory_mask, encoder_hidden_states=memory)
         for layer in self.layers:
             hidden = layer(hidden, memory, self_mask, cross_mask)[0]

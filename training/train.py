@@ -255,10 +255,12 @@ def translate_with(model_dir, sources: list[str]) -> list[str]:
     if model.config.model_type == "weaknat":
         translator = pipeline("weaknat-translation", model=model, tokenizer=str(model_dir))
         return [o["translation_text"] for o in translator(list(sources), batch_size=64)]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    batch = tokenizer(list(sources), padding=True, return_tensors="pt")
-    ids = model.generate(**batch, num_beams=5, **generation_limits(model, batch["input_ids"]))
-    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+    tokenizer, outputs = AutoTokenizer.from_pretrained(model_dir), []
+    for start in range(0, len(sources), 64):
+        batch = tokenizer(list(sources[start:start + 64]), padding=True, return_tensors="pt")
+        ids = model.generate(**batch, num_beams=5, **generation_limits(model, batch["input_ids"]))
+        outputs += tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return outputs
 
 
 def show_translations(export_dir: Path, sources: list[str], print_function):
