@@ -256,3 +256,22 @@ def test_two_processes_train_save_resume_and_export(tokenizer_dir, tmp_path):
     assert exported.weak_ar is None and len(trained.weak_ar.decoders) == 2  # one per NAR layer, dropped at export
     for name, tensor in exported.state_dict().items():
         assert torch.equal(tensor, trained.state_dict()[name]), name
+
+
+def test_two_processes_with_a_warm_in_and_shared_partners_resume_to_the_uninterrupted_weights(tokenizer_dir,
+                                                                                               tmp_path):
+    """The partners get no gradient before the warm-in ends: DDP must be told (it failed at update 1 before)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    common = [*launcher, TRAIN, DEMO, *TINY, "--tokenizer_name", str(tokenizer_dir), "--save_steps", "3",
+              "--eval_steps", "0", "--report_to", "none", "--weak_ar_warmup_steps", "4"]
+    ENV["ACCELERATE_USE_CPU"] = "1"
+    try:
+        run([*common, "--max_steps", "6", "--output_dir", str(tmp_path / "resumed")], timeout=300)
+        run([*common, "--max_steps", "9", "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
+             "latest"], timeout=300)
+        run([*common, "--max_steps", "9", "--output_dir", str(tmp_path / "uninterrupted")], timeout=300)
+    finally:
+        ENV.pop("ACCELERATE_USE_CPU")
+    expected, got = final_weights(tmp_path / "uninterrupted"), final_weights(tmp_path / "resumed")
+    assert any(k.startswith("weak_ar.") for k in expected)  # the partners trained after the warm-in
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "the resumed 2-process run took another path"

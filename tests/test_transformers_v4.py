@@ -219,3 +219,16 @@ def test_the_v4_translation_pipeline_gives_the_same_texts(on_v4, on_v5, call):
     assert on_v4[call] == on_v5[call]
     if call != "pipeline_one":
         assert len(on_v5[call]) == len(SENTENCES) and on_v5[call][-1] == ""  # the empty sentence translates to ""
+
+
+def test_the_shipped_model_translates_the_same_on_4_57(v4_python, tmp_path):
+    shipped = Path(__file__).resolve().parents[1] / "models" / "weaknat-multi30k-de-en"
+    result = subprocess.run(
+        [str(v4_python), "-c", V4_SCRIPT, str(shipped), json.dumps(SENTENCES)], capture_output=True, text=True,
+        timeout=600, cwd=tmp_path, env=clean_env(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"),
+                                                  OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-5000:]
+    on_v4 = json.loads(result.stdout.strip().splitlines()[-1])
+    translator = pipeline("weaknat-translation", model=str(shipped))
+    assert on_v4["pipeline"] == [r["translation_text"] for r in translator(SENTENCES)]
+    assert "man" in on_v4["pipeline"][0].lower() and on_v4["pipeline"][-1] == ""

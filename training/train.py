@@ -38,9 +38,11 @@ from training.trainer import Trainer
 
 
 def build_accelerator(model: ModelSection, train_args: TrainingArguments) -> Accelerator:
-    # Without parameter sharing only the sampled weak AR decoders run in a step: DDP must expect unused parameters
-    unused = (model.model_type == "weaknat" and model.resolved.weak_ar_layers > 0
-              and not model.resolved.weak_ar_share_parameters)
+    # Parameters some steps leave unused, which DDP must be told of: without sharing, only the sampled weak AR
+    # decoders run in a step; with a warm-in, no partner runs before it ends
+    config = model.resolved
+    unused = (model.model_type == "weaknat" and config.weak_ar_layers > 0
+              and (not config.weak_ar_share_parameters or config.weak_ar_warmup_steps > 0))
     trackers = [t for t in train_args.report_to.split(",") if t and t != "none"]
     if "tensorboard" in trackers and not _tensorboard_installed():
         trackers.remove("tensorboard")
