@@ -81,6 +81,19 @@ def export_for_hub(model: WeakNATForConditionalGeneration, save_directory, token
     return save_directory
 
 
+def refresh_remote_code(export_directory) -> Path:
+    """Put this package's current remote code into an existing export, leaving its weights, config, tokenizer and
+    card as they are: what an export (the shipped model's among them) needs after a change to the code it ships."""
+    export_directory = Path(export_directory)
+    if not (export_directory / "config.json").is_file():
+        raise FileNotFoundError(f"{export_directory} holds no config.json: not an export")
+    for stale in set(p.name for p in export_directory.glob("*.py")) - set(REMOTE_CODE_FILES):
+        (export_directory / stale).unlink()
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(PACKAGE_DIR / name, export_directory / name)
+    return export_directory
+
+
 def stored_weights(model, dtype: torch.dtype) -> dict:
     """The model's state dict with floating-point tensors in `dtype`; tied parameters stay one tensor."""
     converted = {}  # by storage: a tied copy gets the same converted tensor as its source

@@ -278,3 +278,16 @@ def test_training_checkpoint_made_before_the_split_loads_every_weak_ar_key_and_g
     assert out.num_unfit_pairs.item() == expected["num_unfit_pairs"]
     exported = strip_weak_decoders(model)
     assert_matches_expected(translate_probe(exported))
+
+
+def test_refresh_remote_code_replaces_only_the_code_of_an_export(exported, tmp_path):
+    directory = Path(shutil.copytree(exported[0], tmp_path / "export"))
+    (directory / "modeling_weaknat.py").write_text("# an old version\n")
+    (directory / "old_module.py").write_text("# a file the code no longer ships\n")
+    weights = (directory / "model.safetensors").read_bytes()
+    from hf_weaknat.export import refresh_remote_code
+
+    refresh_remote_code(directory)
+    assert (directory / "modeling_weaknat.py").read_text() == (PACKAGE_DIR / "modeling_weaknat.py").read_text()
+    assert not (directory / "old_module.py").exists()
+    assert (directory / "model.safetensors").read_bytes() == weights

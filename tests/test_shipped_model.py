@@ -50,7 +50,9 @@ def test_the_folder_is_an_export_with_card_results_and_the_packages_current_code
                 "tokenizer_config.json", "README.md", "eval_results.json", "learning_curve.png", *REMOTE_CODE_FILES}
     assert names == expected
     for name in REMOTE_CODE_FILES:  # the remote code is what the package runs today, not an old copy
-        assert (SHIPPED / name).read_text() == (PACKAGE_DIR / name).read_text(), f"refresh {name}: re-export"
+        assert (SHIPPED / name).read_text() == (PACKAGE_DIR / name).read_text(), (
+            f"{name} changed: python -c 'from hf_weaknat.export import refresh_remote_code; "
+            f"refresh_remote_code(\"{SHIPPED.relative_to(REPO)}\")'")
     config = json.loads((SHIPPED / "config.json").read_text())
     assert config["weak_ar_layers"] == 0 and config["auto_map"] and config["custom_pipelines"]
     card = (SHIPPED / "README.md").read_text()

@@ -142,16 +142,18 @@ def test_ship_model_averages_measures_half_precision_and_writes_a_complete_folde
     notes = tmp_path / "notes.md"
     notes.write_text("## Measured\n\ngreedy {greedy_bleu}, beam {beam_bleu}, float32 {float32_greedy_bleu}, "
                      "{changed_greedy} changed, steps {averaged_steps}, guard {guard_bleu}\n")
-    folder = ship_model.main(["--run_dir", str(run_dir), "--last", "2", "--output_dir", str(tmp_path / "shipped"),
+    folder = ship_model.main(["--run_dir", str(run_dir), "--last", "1", "--up_to", "6",
+                              "--output_dir", str(tmp_path / "shipped"),
                               "--num_beams", "2", "--card_notes", str(notes), "--json", str(tmp_path / "m.json")])
     measured = json.loads((tmp_path / "m.json").read_text())
     results = json.loads((folder / "eval_results.json").read_text())
-    assert results["averaged_steps"] == measured["averaged_steps"] == [6, 12]
+    assert results["averaged_steps"] == measured["averaged_steps"] == [6]  # up to update 6 of 12
     assert results["greedy"]["bleu"] == measured["float16_weights"]["greedy"]["bleu"]
     assert set(measured) >= {"float32_weights", "float16_weights", "changed_by_weights_dtype"}
     card = (folder / "README.md").read_text()
     assert f"greedy {results['greedy']['bleu']:.2f}, beam {results['beam2']['bleu']:.2f}" in card
     assert f'pipeline(model="{tmp_path / "shipped"}"' in card  # the card loads the folder by its own name
+    assert "Optimisation: 6 updates," in card  # what the weights were trained for, not the run's max_steps
     with safe_open(folder / "model.safetensors", "pt") as weights:
         assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"F16"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "notes.md", "shipped"]  # no scratch left

@@ -32,6 +32,9 @@ class ExportArguments:
     checkpoint: str = field(default="best", metadata={"help": "best, latest, or a checkpoint / averaged directory."})
     output_dir: str | None = field(default=None, metadata={"help": "Default: <run_dir>/export-<checkpoint name>."})
     push_to_hub: str | None = field(default=None, metadata={"help": "Repo id to upload the export to."})
+    steps: int | None = field(default=None, metadata={
+        "help": "The updates the exported weights were trained for, for the card (default: the checkpoint's; an "
+                "average has none, so the run's max_steps)."})
     shown_as: str | None = field(default=None, metadata={
         "help": "The name the card loads the model by in its examples (default: --push_to_hub, else the folder)."})
     weights_dtype: str | None = field(default=None, metadata={
@@ -66,7 +69,7 @@ def export_checkpoint(args: ExportArguments) -> Path:
                             run_args["training"]["max_tokens"])
     state_file = checkpoint / STATE_FILE  # an averaged model has none: it stands for the end of training
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"step": run_args["training"]["max_steps"]}
-    steps, skipped_steps = state["step"], state.get("skipped_steps", 0)
+    steps, skipped_steps = args.steps or state["step"], state.get("skipped_steps", 0)
     export_dir = export_with_card(
         model.cpu(), tokenizer, Path(args.output_dir or run_dir / f"export-{checkpoint.name}"), run_args=run_args,
         scores=scores, eval_split=eval_split, steps=steps, example_source=evaluation[eval_split][0]["source"],

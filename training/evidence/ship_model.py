@@ -91,6 +91,7 @@ def ship(args) -> Path:
             exports[dtype] = export_script.main(["--run_dir", str(args.run_dir), "--checkpoint", str(averaged),
                                                  "--output_dir", str(scratch / dtype / args.output_dir.name),
                                                  "--shown_as", args.shown_as or str(args.output_dir),
+                                                 "--steps", str(steps[-1]),
                                                  *(["--weights_dtype", dtype] if dtype != "float32" else [])])
             measured[dtype] = measure(exports[dtype], sources, references, args.num_beams)
             print(f"{dtype} weights: greedy BLEU {measured[dtype]['greedy']['bleu']:.2f}, beam {args.num_beams} "
@@ -129,7 +130,7 @@ def ship(args) -> Path:
                       "first_step": steps[0], "last_step": steps[-1], "guard_sentences": GUARD_SENTENCES,
                       "guard_bleu": f"{chosen[f'greedy_first{GUARD_SENTENCES}_bleu']:.2f}"}
             with open(folder / "README.md", "a", encoding="utf-8") as card:
-                card.write("\n" + args.card_notes.read_text(encoding="utf-8").format(**fields))
+                card.write("\n\n" + args.card_notes.read_text(encoding="utf-8").format(**fields))
         if args.json:
             args.json.write_text(json.dumps(summary, indent=1, ensure_ascii=False))
         if args.output_dir.exists():

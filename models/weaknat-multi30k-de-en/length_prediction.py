@@ -1,0 +1,238 @@
+# Copyright 2026 The hf_weaknat authors. Licensed under the Apache License, Version 2.0.
+"""The vanilla NAR translator's own pieces (`nar_type="vanilla"`): Gu et al. (2018), as fairseq's
+`nonautoregressive_transformer` implements it, written for this model.
+
+Reading order: the length predictor (a classifier over `tgt_len - src_len` from the mean-pooled encoder states) and
+its loss; the decoder inputs at the target length (uniform copy of the source embeddings, or placeholders); the
+token loss; decoding (the candidate lengths: argmax, or the top-k for the length beam, then one argmax per position,
+ranked by average log-probability). The model (`modeling_weaknat.py`) runs the network; the weak AR decoders read
+the NAR layers' target-length states through the same `weak_ar.py` as for CTC. Nothing here knows about CTC.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import Seq2SeqModelOutput
+
+from .generation import finish_generation, has_content, process_scores, warp_for_sampling
+
+# ----------------------------------------------------------------------------------------------------------------
+# Length prediction
+
+
+class WeakNATLengthPredictor(nn.Module):
+    """Mean-pooled final encoder states (padding excluded) -> logits over the length offsets
+    `-max_length_offset..+max_length_offset` (fairseq `forward_length` with `--pred-length-offset`)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.max_offset = config.max_length_offset
+        self.proj = nn.Linear(config.d_model, config.num_length_classes, bias=False)
+
+    def forward(self, encoder_states, source_mask):
+        """encoder_states (batch, src_len, d); source_mask (batch, src_len) -> (batch, classes) logits."""
+        mask = source_mask.to(encoder_states.dtype)[..., None]
+        pooled = (encoder_states * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return self.proj(pooled)
+
+
+def length_classes(source_lengths, target_lengths, max_offset: int):
+    """The length predictor's training target: the offset `tgt_len - src_len` as a class, clamped into range as
+    fairseq does (`training/` leaves pairs out of range out of the data and counts them)."""
+    return (target_lengths - source_lengths + max_offset).clamp(0, 2 * max_offset)
+
+
+def length_loss(length_logits, source_lengths, target_lengths, max_offset: int):
+    """Cross-entropy of the length classifier on the reference lengths, averaged over sentences (fairseq: no label
+    smoothing on the length)."""
+    return F.cross_entropy(length_logits.float(), length_classes(source_lengths, target_lengths, max_offset))
+
+
+def top_lengths(length_logits, source_lengths, max_length: int, k: int):
+    """The k most probable target lengths of each sentence among those in [1, max_length], best first.
+
+    Classes whose length falls outside the range are masked, so the k lengths are distinct (fairseq clamps the argmax
+    instead, to >= 2); where fewer than k are valid the rest repeat the best one with score -inf.
+    Returns (lengths (batch, k) long, their log-probabilities (batch, k)).
+    """
+    classes_count = length_logits.shape[-1]
+    if k > classes_count:
+        raise ValueError(f"num_beams={k} asks for more lengths than the length predictor has classes ({classes_count}"
+                         " = 2 * max_length_offset + 1)")
+    max_offset = (classes_count - 1) // 2
+    log_probs = F.log_softmax(length_logits.float(), -1)
+    lengths = source_lengths[:, None] + torch.arange(classes_count, device=length_logits.device) - max_offset
+    log_probs = log_probs.masked_fill((lengths < 1) | (lengths > max_length), float("-inf"))
+    scores, classes = log_probs.topk(k, -1)
+    chosen = lengths.gather(1, classes)
+    chosen = torch.where(torch.isfinite(scores), chosen, chosen[:, :1])
+    return chosen, scores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoder inputs at the target length
+
+
+def uniform_copy_indices(source_lengths, target_lengths, width: int):
+    """Source position copied to each target position: `round(j * (src_len - 1) / (tgt_len - 1))` (Gu et al. 2018;
+    fairseq `_uniform_assignment`, with a one-token target copying position 0 instead of dividing by zero).
+    -> (batch, width) long; positions past a row's target length get 0."""
+    steps = (source_lengths.float() - 1) / (target_lengths.float() - 1).clamp(min=1)
+    positions = torch.arange(width, device=source_lengths.device)
+    index = torch.round(steps[:, None] * positions[None].float()).long()
+    return index.masked_fill(positions[None] >= target_lengths[:, None], 0)
+
+
+def vanilla_decoder_inputs(model, encoder_states, source_mask, input_ids=None, inputs_embeds=None,
+                           target_lengths=None):
+    """`WeakNATModel.decoder_inputs` for a vanilla model: the length logits, and the decoder inputs and their mask at
+    `target_lengths` (the reference's in training), else at each sentence's most probable length.
+    -> (inputs (batch, tgt_len, d), target mask (batch, tgt_len), length logits (batch, classes))."""
+    length_logits = model.length_predictor(encoder_states, source_mask)
+    if target_lengths is None:
+        target_lengths = top_lengths(length_logits, source_mask.sum(1), model.config.max_frames, 1)[0][:, 0]
+    return (*model_target_inputs(model, source_mask, target_lengths, input_ids, inputs_embeds, encoder_states),
+            length_logits)
+
+
+def model_target_inputs(model, source_mask, target_lengths, input_ids=None, inputs_embeds=None, like=None):
+    """`target_inputs` with the model's source embeddings (uniform copy: `model.shared(input_ids)` or the given
+    `inputs_embeds`; placeholders: zeros shaped `like`)."""
+    if model.config.decoder_input == "uniform_copy":
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("decoder_input='uniform_copy' copies the source embeddings: pass input_ids or "
+                             "inputs_embeds along with encoder_outputs")
+        like = model.shared(input_ids) if inputs_embeds is None else inputs_embeds
+    return target_inputs(like, source_mask, target_lengths, model.config.decoder_input)
+
+
+def target_inputs(source_embeds, source_mask, target_lengths, decoder_input: str):
+    """The decoder's inputs at the target length: (inputs (batch, tgt_len, d), target mask (batch, tgt_len)).
+
+    source_embeds (batch, src_len, d): the scaled token embeddings of the source (no positions), source_mask its
+    right-padded mask. `"uniform_copy"`: each target position gets a source embedding (`uniform_copy_indices`);
+    `"placeholder"`: zeros (the decoder adds its position embeddings to either).
+    """
+    width = int(target_lengths.max()) if target_lengths.numel() else 0
+    target_mask = torch.arange(width, device=target_lengths.device)[None] < target_lengths[:, None]
+    if decoder_input == "placeholder":
+        return source_embeds.new_zeros(len(target_lengths), width, source_embeds.shape[-1]), target_mask
+    index = uniform_copy_indices(source_mask.sum(1), target_lengths, width)
+    copied = source_embeds.gather(1, index[..., None].expand(-1, -1, source_embeds.shape[-1]))
+    return copied * target_mask[..., None].to(copied.dtype), target_mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token loss and decoding
+
+
+def token_loss(logits, labels, label_smoothing: float):
+    """Label-smoothed cross-entropy at every target position, averaged over the batch's target tokens (fairseq's
+    NAT `word_ins` loss). logits (batch, tgt_len, vocab); labels (batch, tgt_len) right-padded with -100."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                           label_smoothing=label_smoothing)
+
+
+def drop_adjacent_repeats(tokens, pad_token_id: int):
+    """(rows, len) right-padded with pad -> the same rows with each run of identical tokens kept once."""
+    keep = tokens != pad_token_id
+    keep[:, 1:] &= tokens[:, 1:] != tokens[:, :-1]
+    return compact(tokens, keep, pad_token_id)
+
+
+def compact(tokens, keep, pad_token_id: int):
+    """Keep the `keep` entries of each row, in order, right-padded with pad."""
+    width = int(keep.sum(1).max()) if keep.numel() else 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+    kept = tokens.gather(1, order)
+    return kept.masked_fill(~keep.gather(1, order), pad_token_id)
+
+
+def argmax_decode(log_probs_or_logits, target_mask, pad_token_id: int):
+    """Each valid position's best token -> (rows, len) right-padded with pad."""
+    return log_probs_or_logits.argmax(-1).masked_fill(~target_mask, pad_token_id)
+
+
+def rank_length_beam(tokens, log_probs, target_mask, batch: int, k: int, valid_rows=None):
+    """The length beam's ranking: each candidate's average log-probability of its tokens (fairseq's
+    `--iter-decode-with-beam`), best first per sentence.
+
+    tokens (batch * k, len); log_probs (batch * k, len, vocab); target_mask (batch * k, len); valid_rows (batch * k)
+    bool or None: rows that score -inf when false. Returns (hypotheses (batch, k, len), scores (batch, k))."""
+    picked = log_probs.gather(-1, tokens[..., None]).squeeze(-1).masked_fill(~target_mask, 0.0)
+    scores = picked.sum(1) / target_mask.sum(1).clamp(min=1)  # an empty row: 0, the log-probability of nothing
+    if valid_rows is not None:
+        scores = scores.masked_fill(~valid_rows, float("-inf"))
+    scores = scores.view(batch, k)
+    scores, order = scores.sort(dim=1, descending=True, stable=True)
+    tokens = tokens.view(batch, k, -1)
+    return tokens.gather(1, order[..., None].expand_as(tokens)), scores
+
+
+def vanilla_loss_terms(logits, labels, length_logits, source_mask, target_mask, config) -> dict:
+    """The vanilla NAR's named terms: `token_loss`, `length_loss`, `num_unfit_pairs` (0: every pair is in the loss,
+    an offset outside the classifier's range is clamped) and `loss` = token_loss + `length_loss_factor` * length_loss
+    (the NAR loss the paper's lambda weighs against the weak AR loss)."""
+    source_lengths, target_lengths = source_mask.sum(1), target_mask.sum(1)
+    terms = {"token_loss": token_loss(logits, labels, config.label_smoothing),
+             "length_loss": length_loss(length_logits, source_lengths, target_lengths, config.max_length_offset),
+             "num_unfit_pairs": torch.zeros((), dtype=torch.long, device=logits.device)}
+    terms["loss"] = terms["token_loss"] + config.length_loss_factor * terms["length_loss"]
+    return terms
+
+
+def vanilla_generate(model, request, encoder_outputs, source_mask, drop_repeats=None):
+    """`WeakNATForConditionalGeneration.generate` for a vanilla model, after encoding: the decoder once at each
+    sentence's most probable length, or at its `num_beams` most probable lengths (the length beam, rows
+    sentence-major), then `vanilla_decode`, and transformers' output (`generation.finish_generation`)."""
+    encoder_states, k = encoder_outputs.last_hidden_state, request.num_beams
+    lengths, length_scores = top_lengths(model.model.length_predictor(encoder_states, source_mask),
+                                         source_mask.sum(1), model.config.max_frames, k)
+    rows = lambda x: None if x is None else x.repeat_interleave(k, 0)  # noqa: E731 - each sentence k times
+    inputs, mask = model_target_inputs(model.model, rows(source_mask), lengths.flatten(), rows(request.input_ids),
+                                       rows(request.inputs_embeds), rows(encoder_states))
+    decoded = model.model.decoder(inputs, mask, rows(encoder_states), rows(source_mask), request.output_attentions,
+                                  request.output_hidden_states)
+    logits = model.ctc_head(decoded.last_hidden_state)  # (batch * k, len, vocab)
+    if drop_repeats is None:
+        drop_repeats = getattr(request.config, "drop_repeats", None)
+    drop = model.config.drop_repeats if drop_repeats is None else drop_repeats
+    content = rows(has_content(request.input_ids, source_mask, model.config))  # `</s>` alone translates to nothing
+    hypotheses, scores, position_scores = vanilla_decode(request, logits, mask & content[:, None], drop,
+                                                         torch.isfinite(length_scores).flatten())
+    outputs = Seq2SeqModelOutput(decoder_hidden_states=decoded.hidden_states, decoder_attentions=decoded.attentions,
+                                 cross_attentions=decoded.cross_attentions)
+    return finish_generation(request, hypotheses, scores, scores=position_scores, logits=logits,
+                             encoder_outputs=encoder_outputs, decoder_outputs=outputs)
+
+
+def vanilla_decode(request, logits, target_mask, drop_repeats: bool = False, valid_rows=None):
+    """Tokens from the per-position logits (batch * k, len, vocab) as `request` asks: greedy (argmax), sampling (each
+    position drawn from its warped distribution, `num_return_sequences` draws) or the length beam (argmax at each of
+    the k lengths, ranked by average log-probability; rows not in `valid_rows` (lengths out of range) last, at
+    -inf). An empty hypothesis (a source without content) scores 0. Returns (hypotheses (batch, n, len) right-padded
+    to the longest, their scores (beam) or None, the per-position scores decoded)."""
+    pad, batch = request.pad_token_id, request.batch_size
+    scores, hypothesis_scores = process_scores(request, logits), None
+    if request.mode == "sample":
+        n = request.num_return_sequences
+        scores = warp_for_sampling(request, scores)
+        probs = F.softmax(scores.float(), -1).repeat_interleave(n, 0)
+        tokens = torch.multinomial(probs.flatten(0, 1), 1).view(probs.shape[:2])
+        hypotheses = tokens.masked_fill(~target_mask.repeat_interleave(n, 0), pad).view(batch, n, -1)
+    elif request.mode == "beam":
+        scores = F.log_softmax(scores.float(), -1)
+        hypotheses, hypothesis_scores = rank_length_beam(argmax_decode(scores, target_mask, pad), scores, target_mask,
+                                                         batch, logits.shape[0] // batch, valid_rows)
+    else:
+        hypotheses = argmax_decode(scores, target_mask, pad).view(batch, 1, -1)
+    hypotheses = hypotheses[..., : int(target_mask.sum(1).max())]
+    if drop_repeats:
+        hypotheses = drop_adjacent_repeats(hypotheses.flatten(0, 1), pad).view(*hypotheses.shape[:2], -1)
+    return hypotheses, hypothesis_scores, scores
+
+
+__all__ = ["WeakNATLengthPredictor", "length_classes", "length_loss", "top_lengths", "uniform_copy_indices",
+           "target_inputs", "token_loss", "drop_adjacent_repeats", "argmax_decode", "rank_length_beam",
+           "vanilla_decoder_inputs", "model_target_inputs", "vanilla_loss_terms", "vanilla_generate",
+           "vanilla_decode"]
