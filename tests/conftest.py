@@ -114,3 +114,17 @@ def record_weak_ar_memories(model):
     cross_attentions = [module for name, module in model.named_modules()
                         if name.startswith("weak_ar.") and name.endswith(".layers.0.cross_attn.sublayer")]
     return seen, [m.register_forward_pre_hook(hook, with_kwargs=True) for m in cross_attentions]
+
+
+@pytest.fixture(scope="session")
+def random_export(tmp_path_factory, tokenizer_dir):
+    """A tiny random-weight export with its tokenizer (read only: copy it to change it). Its translations are
+    nonsense, but each sentence's is its own and reproducible."""
+    from transformers import AutoTokenizer
+
+    from hf_weaknat import export_for_hub
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = WeakNATForConditionalGeneration(tiny_config(vocab_size=len(tokenizer), max_position_embeddings=32))
+    return export_for_hub(model, tmp_path_factory.mktemp("random_export") / "export", tokenizer=tokenizer)

@@ -7,11 +7,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from conftest import tiny_config
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
+from transformers import AutoModelForSeq2SeqLM, pipeline
 
-from hf_weaknat import WeakNATForConditionalGeneration, export_for_hub
+from hf_weaknat import WeakNATForConditionalGeneration
 from hf_weaknat.translate import main as translate_command
 
 DAMAGES = {  # file -> (what is done to it, the fault the message names)
@@ -24,13 +22,9 @@ DAMAGES = {  # file -> (what is done to it, the fault the message names)
 
 
 @pytest.fixture(scope="module")
-def damaged(tmp_path_factory, tokenizer_dir):
+def damaged(tmp_path_factory, random_export):
     """{file name: an export whose copy of that file is damaged}."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    export = export_for_hub(WeakNATForConditionalGeneration(tiny_config(vocab_size=len(tokenizer))),
-                            tmp_path_factory.mktemp("intact") / "export", tokenizer=tokenizer)
-    copies = {}
+    export, copies = random_export, {}
     for name, (how, _) in DAMAGES.items():
         copy = tmp_path_factory.mktemp(name) / "export"
         subprocess.run(["cp", "-r", str(export), str(copy)], check=True)

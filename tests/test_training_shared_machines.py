@@ -140,7 +140,7 @@ def test_an_owner_on_another_host_is_stale_only_without_a_recent_heartbeat(tmp_p
 
 
 def full_disk(*args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "model.safetensors")  # what a full disk raises
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "the file being written")  # what a full disk raises
 
 
 def test_a_full_disk_during_a_checkpoint_stops_the_run_and_keeps_the_earlier_ones(tokenizer_dir, tmp_path,
@@ -164,7 +164,7 @@ def test_a_full_disk_during_a_checkpoint_stops_the_run_and_keeps_the_earlier_one
         train.main(arguments)
     message = str(failure.value)
     assert f"Could not write checkpoint {run_dir / 'checkpoints' / 'step-00000015'}" in message
-    assert "No space left on device (ENOSPC) writing model.safetensors" in message
+    assert "No space left on device (ENOSPC) writing the file being written" in message
     assert f"newest: {run_dir / 'checkpoints' / 'step-00000010'}" in message
     assert [c.name for c in complete_checkpoints(run_dir / "checkpoints")] == ["step-00000005", "step-00000010"]
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
@@ -182,7 +182,7 @@ def test_a_failed_export_or_average_leaves_no_folder_that_looks_complete(tokeniz
 
     monkeypatch.setattr(ModelCard, "save", full_disk)
     with pytest.raises(OSError, match=r"Could not write the export .*export: No space left on device writing "
-                                      r"model.safetensors\. Nothing of it was kept; the earlier .* is untouched"):
+                                      r"the file being written\. Nothing of it was kept; the earlier .* is untouched"):
         export.main(["--run_dir", str(run_dir), "--checkpoint", "latest", "--output_dir", str(run_dir / "export")])
     assert (run_dir / "export" / "README.md").read_text() == earlier_card
     assert not list(run_dir.glob(".tmp-*"))

@@ -19,11 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import tiny_config
 from transformers import AutoTokenizer, pipeline
 
-from hf_weaknat import WeakNATForConditionalGeneration, export_for_hub
+from hf_weaknat import WeakNATForConditionalGeneration
 from hf_weaknat.export import REMOTE_CODE_FILES
 
 TRANSFORMERS_V4 = "4.57.6"
@@ -144,12 +142,8 @@ def v4_python():
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory, tokenizer_dir):
-    """A tiny random-weight export: nonsense translations, but each sentence's own and reproducible."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    model = WeakNATForConditionalGeneration(tiny_config(vocab_size=len(tokenizer), max_position_embeddings=32))
-    return export_for_hub(model, tmp_path_factory.mktemp("v4") / "export", tokenizer=tokenizer)
+def export(random_export):
+    return random_export
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from conftest import REPO, tiny_config
-from transformers import AutoTokenizer, pipeline
+from conftest import REPO
+from transformers import pipeline
 
-from hf_weaknat import WeakNATForConditionalGeneration, export_for_hub
 from hf_weaknat.translate import main, one_line, split_lines
 
 SENTENCES = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch am Strand.",
@@ -18,12 +16,8 @@ SENTENCES = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine 
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory, tokenizer_dir):
-    """A tiny random-weight export: its translations are nonsense, but each sentence's is its own and reproducible."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    model = WeakNATForConditionalGeneration(tiny_config(vocab_size=len(tokenizer), max_position_embeddings=32))
-    return export_for_hub(model, tmp_path_factory.mktemp("translate") / "export", tokenizer=tokenizer)
+def export(random_export):
+    return random_export
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +54,7 @@ def test_crlf_and_a_last_line_without_newline_count_as_lines(tmp_path, export, o
     assert output.decode() == f"{one_by_one[SENTENCES[0]]}\n{one_by_one[SENTENCES[1]]}\n"
 
 
-def test_only_newline_ends_a_line(export):
+def test_only_newline_ends_a_line():
     # str.splitlines would also split on form feed, U+2028 and others, shifting every later line
     assert split_lines("a\x0cb\u2028c\nd\x1ce\n".encode()) == ["a\x0cb\u2028c".encode(), "d\x1ce".encode()]
     assert split_lines(b"") == [] and split_lines(b"\n") == [b""] and split_lines(b"x") == [b"x"]
