@@ -234,26 +234,41 @@ def ctc_viterbi_align(log_probs, frame_lengths, targets, target_lengths, blank_i
     return torch.where(fits[:, None], align, blank_id), fits
 
 
-def _topk_stable(scores, k):
-    """Top-k of (batch, n) scores, best first, ties broken by lower index.
+# ----------------------------------------------------------------------------------------------------------------
+# Prefix beam search. Three implementations of one search: the batched torch one (`ctc_prefix_beam_search`, any
+# device), the plain-Python one over pruned frames (`ctc_prefix_beam_search_pruned`, for logits on an accelerator:
+# one transfer, no per-frame kernels) and the slow oracle both are tested against (`ctc_prefix_beam_search_reference`,
+# at the end). `ctc_beam_search` chooses between the first two.
 
-    torch.topk does not define its tie order; this only does O(n) work on
-    top of it. Returns (values, indices), each (batch, k).
+BEAM_SEARCH_BACKENDS = ("auto", "batched", "pruned_cpu")
+
+
+def ctc_frame_candidates(log_probs, blank_id, token_candidates=None):
+    """Every frame's candidate tokens, all frames at once (one top-k, no host synchronisation).
+
+    log_probs: (batch, frames, vocab). token_candidates: None = every non-blank token, in id order; N = the N best
+    non-blank tokens of each frame, best first (N is clamped to 0..vocab-1). Returns (cand (batch, frames, n) long,
+    lp_cand (batch, frames, n) their log probs, lp_blank (batch, frames) the blank's log prob). The blank is never a
+    candidate, even when it ties with -inf tokens.
     """
-    kth = scores.topk(k, dim=1).values[:, -1:]
-    greater = scores > kth
-    equal = scores == kth
-    # take the lowest-index ties until each row has exactly k
-    need = k - greater.sum(dim=1, keepdim=True)
-    chosen = greater | (equal & (equal.cumsum(dim=1) <= need))
-    idx = chosen.nonzero()[:, 1].view(scores.shape[0], k)  # row-major: ascending index
-    vals = scores.gather(1, idx)
-    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
-    return vals.gather(1, order), idx.gather(1, order)
+    batch, frames, vocab = log_probs.shape
+    lp_blank = log_probs[:, :, blank_id]
+    if token_candidates is None:
+        ids = torch.arange(vocab - 1, device=log_probs.device)
+        nonblank = ids + (ids >= blank_id).long()  # every id but the blank's (no boolean indexing: no synchronisation)
+        return nonblank.expand(batch, frames, vocab - 1), log_probs.index_select(2, nonblank), lp_blank
+    n = max(0, min(token_candidates, vocab - 1))
+    # the n + 1 best tokens hold the n best non-blank ones; a stable sort moves the blank (if there) to the end
+    values, ids = log_probs.topk(n + 1, dim=2)
+    keep = torch.argsort((ids == blank_id).to(torch.int8), dim=2, stable=True)[:, :, :n]
+    return ids.gather(2, keep), values.gather(2, keep), lp_blank
 
 
 class _Beams(NamedTuple):
-    """The state of a batched prefix beam search; K beams per row, a prefix never longer than the frames."""
+    """The state of a batched prefix beam search; K beams per row, a prefix never longer than the frames.
+
+    Beams are kept best first; a prefix appears at most once per row.
+    """
 
     prefixes: torch.Tensor  # (batch, K, frames) long, -1 past the prefix's length
     lengths: torch.Tensor  # (batch, K)
@@ -271,62 +286,54 @@ def _empty_beams(batch, beam_size, frames, dtype, device) -> _Beams:
                   p_nb=torch.full_like(p_b, NEG_INF))
 
 
-def _frame_candidates(beams: _Beams, lp_t, cand, blank_id):
-    """Scores of every way to extend the beams by one frame with log probs lp_t (batch, vocab).
+def _frame_candidates(beams: _Beams, lp_last, lp_blank, cand, lp_cand, pos, no_blank):
+    """Scores of every way to extend the beams by one frame.
 
-    cand (batch, n_cand): the tokens that may extend a prefix. Returns (p_b, p_nb, last, src), each
-    (batch, K + K * n_cand): first the K "stays" (prefix unchanged), then the extensions beam by beam; src is
-    the beam each candidate grows from.
+    lp_last (batch, K): this frame's log prob of each beam's last token (-inf for the empty prefix); lp_blank
+    (batch,); cand (batch, n) the tokens that may extend a prefix, lp_cand (batch, n) theirs; pos (frames,) arange;
+    no_blank (batch, K * n) all -inf (an extension ends in a token).
+    Returns (p_b, p_nb, last), each (batch, K + K * n): first the K "stays" (prefix unchanged), then the extensions
+    beam by beam (candidate i of beam j at K + j * n + i).
     """
     (batch, K), n_cand = beams.last.shape, cand.shape[1]
-    pos = torch.arange(beams.prefixes.shape[2], device=lp_t.device)
     p_b, p_nb, last = beams.p_b, beams.p_nb, beams.last
     p_tot = torch.logaddexp(p_b, p_nb)
-    alive = torch.isfinite(p_tot)
-    lp_last = lp_t.gather(1, last.clamp(min=0)).masked_fill(last < 0, NEG_INF)  # (batch, K)
+    alive = p_tot > NEG_INF
     # "stay": the prefix is unchanged (emit blank, or repeat the last token)
-    stay_b = p_tot + lp_t[:, blank_id, None]
+    stay_b = p_tot + lp_blank[:, None]
     stay_nb = p_nb + lp_last
     # "extend" beam j by token c; a repeat of the last token needs a blank in between
-    ext_base = torch.where(cand[:, None, :] == last[:, :, None], p_b[:, :, None], p_tot[:, :, None])
-    # (topk may return the blank as a tie when tokens have -inf log prob)
-    lp_cand = lp_t.gather(1, cand).masked_fill(cand == blank_id, NEG_INF)
-    ext_nb = ext_base + lp_cand[:, None, :]  # (batch, K, n_cand)
+    is_last = cand[:, None, :] == last[:, :, None]  # [b, j, c]
+    ext_nb = torch.where(is_last, p_b[:, :, None], p_tot[:, :, None]) + lp_cand[:, None, :]  # (batch, K, n_cand)
 
     # extension of beam j by last_k equals beam k's prefix iff j is k's parent:
     # merge that probability into k's stay and drop the duplicate extension
     prefixes, lengths = beams.prefixes, beams.lengths
     same = (prefixes[:, :, None, :] == prefixes[:, None, :, :]) | (pos >= lengths[:, None, :, None])
-    parent = (  # [b, k, j]
-        same.all(dim=-1)
-        & (lengths[:, :, None] == lengths[:, None, :] + 1)
-        & alive[:, :, None]
-        & alive[:, None, :]
-    )
+    parent = same.all(dim=-1) & (lengths[:, :, None] == lengths[:, None, :] + 1) & alive[:, :, None] & alive[:, None, :]
     base_kj = torch.where(last[:, :, None] == last[:, None, :], p_b[:, None, :], p_tot[:, None, :])
     merged = (base_kj + lp_last[:, :, None]).masked_fill(~parent, NEG_INF)  # from lp, even if pruned
-    stay_nb = torch.logaddexp(stay_nb, merged.logsumexp(dim=2))
-    is_last_k = (cand[:, None, :] == last[:, :, None]).to(lp_t.dtype)  # [b, k, c]
-    dup = torch.bmm(parent.transpose(1, 2).to(lp_t.dtype), is_last_k) > 0  # [b, j, c]
+    # a prefix has at most one parent in the beam (prefixes are unique): the max is that one term, exactly
+    stay_nb = torch.logaddexp(stay_nb, merged.amax(dim=2))
+    dup = (parent[:, :, :, None] & is_last[:, :, None, :]).any(dim=1)  # [b, j, c]: j + c is already beam k
     ext_nb = ext_nb.masked_fill(dup, NEG_INF)
 
-    all_b = torch.cat([stay_b, torch.full_like(ext_nb.flatten(1), NEG_INF)], dim=1)
+    all_b = torch.cat([stay_b, no_blank], dim=1)
     all_nb = torch.cat([stay_nb, ext_nb.flatten(1)], dim=1)
     all_last = torch.cat([last, cand[:, None, :].expand(batch, K, n_cand).flatten(1)], dim=1)
-    beam_ids = torch.arange(K, device=lp_t.device)
-    all_src = torch.cat([beam_ids, beam_ids.repeat_interleave(n_cand)]).expand(batch, -1)
-    return all_b, all_nb, all_last, all_src
+    return all_b, all_nb, all_last
 
 
-def _keep_best(beams: _Beams, all_b, all_nb, all_last, all_src) -> _Beams:
-    """The K best candidates (stable: ties keep the lower index) as the next beams."""
+def _keep_best(beams: _Beams, all_b, all_nb, all_last, pos) -> _Beams:
+    """The K best candidates (stable: ties keep the lower index) as the next beams; one sort, no synchronisation."""
     (batch, K), frames = beams.last.shape, beams.prefixes.shape[2]
-    pos = torch.arange(frames, device=all_b.device)
-    top, idx = _topk_stable(torch.logaddexp(all_b, all_nb), K)
+    n_cand = (all_b.shape[1] - K) // K
+    top, idx = torch.sort(torch.logaddexp(all_b, all_nb), dim=1, descending=True, stable=True)
+    top, idx = top[:, :K], idx[:, :K]
     is_ext = idx >= K
-    src = all_src.gather(1, idx)
+    src = torch.where(is_ext, (idx - K).div(max(n_cand, 1), rounding_mode="floor"), idx)  # the beam grown from
     new_last = all_last.gather(1, idx)
-    dead = ~torch.isfinite(top)
+    dead = top == NEG_INF
     src_len = beams.lengths.gather(1, src)
     new_pref = beams.prefixes.gather(1, src[:, :, None].expand(batch, K, frames))
     append_here = is_ext[:, :, None] & (pos == src_len[:, :, None])
@@ -336,9 +343,21 @@ def _keep_best(beams: _Beams, all_b, all_nb, all_last, all_src) -> _Beams:
                   p_b=all_b.gather(1, idx), p_nb=all_nb.gather(1, idx))
 
 
+def _ranked_output(beams: _Beams, pad_id):
+    """Final beams -> (prefixes (batch, K, out_len) best first, right-padded with pad_id; scores (batch, K)).
+    The one host synchronisation of the search: out_len, the longest prefix."""
+    batch, K, frames = beams.prefixes.shape
+    scores, order = torch.sort(torch.logaddexp(beams.p_b, beams.p_nb), dim=1, descending=True, stable=True)
+    lengths = beams.lengths.gather(1, order)
+    out_len = int(lengths.max()) if lengths.numel() > 0 else 0
+    out = beams.prefixes.gather(1, order[:, :, None].expand(batch, K, frames))[:, :, :out_len]
+    pos = torch.arange(out_len, device=out.device)
+    return torch.where(pos < lengths[:, :, None], out, torch.full_like(out, pad_id)), scores
+
+
 @torch.no_grad()
 def ctc_prefix_beam_search(log_probs, frame_lengths, blank_id, pad_id, beam_size, token_candidates=None):
-    """Batched CTC prefix beam search.
+    """Batched CTC prefix beam search, on the device of `log_probs`.
 
     log_probs: (batch, frames, vocab) log-softmaxed; frame_lengths: (batch,).
     token_candidates: if set, only the top-N non-blank tokens of each frame may
@@ -347,31 +366,187 @@ def ctc_prefix_beam_search(log_probs, frame_lengths, blank_id, pad_id, beam_size
     best first, right-padded with pad_id;
     scores (batch, beam_size) = log(p_blank + p_nonblank) of each prefix.
     Slots without a prefix are all pad_id with score -inf.
+
+    Every frame's candidates come from one top-k before the loop (`ctc_frame_candidates`); the loop has a fixed
+    number of kernels per frame and never synchronises with the host (the one synchronisation is the output's
+    length, at the end). A frame past a row's length is made a no-op by its log probs (blank 0, tokens -inf): it
+    folds each beam's probability into p_blank, which leaves every total, and so the ranking, unchanged.
     """
     batch, frames, vocab = log_probs.shape
     device = log_probs.device
     lp = log_probs if log_probs.dtype == torch.float64 else log_probs.float()
-    K = beam_size
     frame_lengths = frame_lengths.to(device).long().clamp(0, frames)
-    nonblank = torch.cat([torch.arange(blank_id), torch.arange(blank_id + 1, vocab)]).to(device)
-    n_cand = vocab - 1 if token_candidates is None else max(0, min(token_candidates, vocab - 1))
-    beams = _empty_beams(batch, K, frames, lp.dtype, device)
+    cand_all, lp_cand_all, lp_blank_all = ctc_frame_candidates(lp, blank_id, token_candidates)
+    active = torch.arange(frames, device=device) < frame_lengths[:, None]  # (batch, frames)
+    lp_blank_all = lp_blank_all.masked_fill(~active, 0.0)
+    lp_cand_all = lp_cand_all.masked_fill(~active[:, :, None], NEG_INF)
+    pos = torch.arange(frames, device=device)
+    no_blank = torch.full((batch, beam_size * cand_all.shape[2]), NEG_INF, dtype=lp.dtype, device=device)
+    beams = _empty_beams(batch, beam_size, frames, lp.dtype, device)
     for t in range(frames):
-        lp_t = lp[:, t]  # (batch, vocab)
-        if token_candidates is None:
-            cand = nonblank.expand(batch, n_cand)
-        else:
-            cand = lp_t.index_fill(1, torch.tensor([blank_id], device=device), NEG_INF).topk(n_cand, dim=1).indices
-        new = _keep_best(beams, *_frame_candidates(beams, lp_t, cand, blank_id))
-        active = t < frame_lengths  # frames past the row's length must not change its beams
-        beams = _Beams(*(torch.where(active.view(-1, *[1] * (n.dim() - 1)), n, old) for n, old in zip(new, beams)))
+        last_ok = (beams.last >= 0) & active[:, t, None]
+        lp_last = torch.where(last_ok, lp[:, t].gather(1, beams.last.clamp(min=0)), NEG_INF)
+        candidates = _frame_candidates(beams, lp_last, lp_blank_all[:, t], cand_all[:, t], lp_cand_all[:, t], pos,
+                                       no_blank)
+        beams = _keep_best(beams, *candidates, pos)
+    return _ranked_output(beams, pad_id)
 
-    scores, order = torch.sort(torch.logaddexp(beams.p_b, beams.p_nb), dim=1, descending=True, stable=True)
-    lengths = beams.lengths.gather(1, order)
-    out_len = int(lengths.max()) if lengths.numel() > 0 else 0
-    out = beams.prefixes.gather(1, order[:, :, None].expand(batch, K, frames))[:, :, :out_len]
-    out = torch.where(torch.arange(out_len, device=device) < lengths[:, :, None], out, torch.full_like(out, pad_id))
-    return out, scores
+
+# ------------------------------------------------------------ the same search over pruned frames, in plain Python
+
+
+@torch.no_grad()
+def pruned_frames_to_cpu(log_probs, frame_lengths, blank_id, token_candidates):
+    """What a search over pruned frames reads, computed where `log_probs` is and brought to the CPU in one copy each
+    of the integers and the floats.
+
+    log_probs: (batch, frames, vocab) log-softmaxed, any device; frame_lengths: (batch,). Returns, on the CPU,
+    (cand (batch, frames, n) long best first, lp_cand (batch, frames, n + 1) float: the candidates' log probs then
+    the blank's, columns (batch, frames * n) long, table (batch, frames, frames * n) float, frame_lengths (batch,)
+    long). columns[b] holds every candidate of row b's frames, sorted (repeats kept: no shape that depends on the
+    data); table[b, t, i] is frame t's log prob of token columns[b, i]. A beam's last token is always some frame's
+    candidate, and the search reads its log prob at later frames, where it may be pruned. The table's width grows
+    with frames: meant for sentences (a 100-frame row is 100 * 100 * n floats), not for hours of audio.
+    """
+    batch, frames, vocab = log_probs.shape
+    lp = log_probs if log_probs.dtype == torch.float64 else log_probs.float()
+    cand, lp_cand, lp_blank = ctc_frame_candidates(lp, blank_id, token_candidates)
+    n = cand.shape[2]
+    columns = cand.reshape(batch, frames * n).sort(dim=1).values  # in order: a gather that walks each frame once
+    table = lp.gather(2, columns[:, None, :].expand(batch, frames, frames * n))
+    floats = torch.cat([lp_cand, lp_blank[:, :, None], table], dim=2).cpu()
+    ints = torch.cat([cand.flatten(), columns.flatten(), frame_lengths.to(lp.device).long().clamp(0, frames)]).cpu()
+    cand_cpu, columns_cpu = ints[: cand.numel()].view(cand.shape), ints[cand.numel() : 2 * cand.numel()]
+    return (cand_cpu, floats[:, :, : n + 1], columns_cpu.view(batch, frames * n), floats[:, :, n + 1 :],
+            ints[2 * cand.numel() :])
+
+
+def _pruned_search_one(cand, lp_cand, columns, table, n_frames, beam_size):
+    """The prefix beam search of one sentence over its pruned frames, in plain Python floats (float64).
+
+    cand: frames lists of n candidate ids, best first; lp_cand: frames lists of their n log probs then the blank's;
+    columns: the token of each column of table (frames, columns), read as table[t, column] (`pruned_frames_to_cpu`);
+    None when table is the sentence's whole (frames, vocab) log probs (on the CPU). Candidates are ranked in the
+    batched search's order (stays in beam order, then beam j's extensions in candidate order, a stable sort), so
+    ties resolve as there. Once beam j has beam_size extensions by tokens other than its last, every later one
+    (the candidates are sorted, and total >= p_blank) scores no higher and comes later, so it is not scored.
+    Returns up to beam_size (prefix tuple, log prob), best first.
+    """
+    n = len(cand[0]) if cand else 0
+    column = None if columns is None else dict(zip(columns, range(len(columns))))  # token -> its column in table
+    beams = [((), 0.0, NEG_INF)]  # (prefix, log p_blank, log p_nonblank), best first
+    for t in range(n_frames):
+        cand_t, lp_t = cand[t], lp_cand[t]
+        lp_blank = lp_t[n]
+        index = {prefix: j for j, (prefix, _, _) in enumerate(beams)}
+        totals = [_logaddexp(pb, pnb) for _, pb, pnb in beams]
+        stay_b = [total + lp_blank for total in totals]
+        stay_nb, children = [], set()  # children: (parent beam, token) pairs that are already beams
+        for prefix, pb, pnb in beams:
+            if not prefix:
+                stay_nb.append(NEG_INF)
+                continue
+            lp_last = float(table[t, prefix[-1] if column is None else column[prefix[-1]]])
+            p = pnb + lp_last
+            j = index.get(prefix[:-1])
+            if j is not None:  # merge the parent's extension by this token, pruned or not
+                parent, ppb, _ = beams[j]
+                base = ppb if parent and parent[-1] == prefix[-1] else totals[j]
+                p = _logaddexp(p, base + lp_last)
+                children.add((j, prefix[-1]))
+            stay_nb.append(p)
+        scores = [_logaddexp(b, nb) for b, nb in zip(stay_b, stay_nb)]
+        moves = list(range(len(beams)))  # a stay is its beam's index; an extension is (beam, token)
+        for j, (prefix, pb, _) in enumerate(beams):
+            last, total, regular = (prefix[-1] if prefix else -1), totals[j], 0
+            for c, lp_c in zip(cand_t, lp_t):
+                if (j, c) in children:
+                    continue
+                if c == last:  # a repeat needs a blank in between
+                    scores.append(pb + lp_c)
+                else:
+                    if regular == beam_size:  # every later extension of beam j ranks below these beam_size
+                        break
+                    regular += 1
+                    scores.append(total + lp_c)
+                moves.append((j, c))
+        best = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)[:beam_size]  # stable
+        beams = [(beams[m][0], stay_b[m], stay_nb[m]) if isinstance(m, int)
+                 else (beams[m[0]][0] + (m[1],), NEG_INF, scores[i])
+                 for i, m in ((i, moves[i]) for i in best) if scores[i] > NEG_INF]
+    return [(prefix, _logaddexp(pb, pnb)) for prefix, pb, pnb in beams]
+
+
+@torch.no_grad()
+def ctc_prefix_beam_search_pruned(log_probs, frame_lengths, blank_id, pad_id, beam_size, token_candidates,
+                                  copy_table=None):
+    """`ctc_prefix_beam_search` with the search itself on the CPU, in plain Python over the pruned frames.
+
+    Each frame's top-`token_candidates` are picked where `log_probs` is (one top-k for all frames,
+    `ctc_frame_candidates`, the same as the batched search's); on an accelerator, one copy of the integers and one
+    of the floats then bring the small pruned tensors to the CPU (`pruned_frames_to_cpu`): no kernel and no
+    synchronisation per frame, which is what costs there at small batches. copy_table: whether to go through that
+    copy (None: when log_probs are not on the CPU; on the CPU the search reads log_probs themselves). Same arguments
+    and outputs as `ctc_prefix_beam_search` (outputs on log_probs' device).
+
+    Against the batched search: the same candidates, the same merges and the same tie order, computed in float64
+    instead of float32, so the scores agree to float32 rounding and the hypotheses are the same unless two
+    prefixes' scores are that close. token_candidates must be set (all tokens would defeat the pruning).
+    """
+    if token_candidates is None:
+        raise ValueError("the pruned-frames beam search needs token_candidates (a number of tokens per frame)")
+    device, batch = log_probs.device, log_probs.shape[0]
+    if not (device.type != "cpu" if copy_table is None else copy_table):  # the search reads log_probs themselves
+        lp = log_probs if log_probs.dtype == torch.float64 else log_probs.float()
+        cand, lp_cand, lp_blank = ctc_frame_candidates(lp, blank_id, token_candidates)
+        lp_cand, columns = torch.cat([lp_cand, lp_blank[:, :, None]], dim=2), [None] * batch
+        table, lengths = lp.detach().cpu().numpy(), frame_lengths.long().cpu().clamp(0, lp.shape[1])
+    else:
+        cand, lp_cand, columns, table, lengths = pruned_frames_to_cpu(log_probs, frame_lengths, blank_id,
+                                                                      token_candidates)
+        columns, table = columns.tolist(), table.numpy()
+    rows = zip(cand.tolist(), lp_cand.double().tolist(), columns, table, lengths.tolist())
+    found = [_pruned_search_one(*row, beam_size) for row in rows]  # float(table[...]) is exact: float32 -> float64
+    out_len = max((len(p) for row in found for p, _ in row), default=0)
+    rows = [[list(p) + [pad_id] * (out_len - len(p)) for p, _ in row] for row in found]
+    rows = [row + [[pad_id] * out_len] * (beam_size - len(row)) for row in rows]
+    scores = [[s for _, s in row] + [NEG_INF] * (beam_size - len(row)) for row in found]
+    dtype = torch.float64 if log_probs.dtype == torch.float64 else torch.float32
+    return (torch.tensor(rows, dtype=torch.long).view(batch, beam_size, out_len).to(device),
+            torch.tensor(scores, dtype=dtype).view(batch, beam_size).to(device))
+
+
+# On an accelerator, "auto" runs the plain-Python search over pruned frames up to this many sentences a batch and the
+# batched search above. Timings on 2 busy CPU cores (training/evidence/benchmark_beam_search.py, beam 5, 10
+# candidates): the Python search costs 1-2 ms a sentence at any batch size and reads only each row's own frames; the
+# batched loop costs per padded frame and per batch (on the CPU 19-34 ms for 1 sentence, 2-5 ms a sentence at 64; on
+# the shipped model's test2016 batches of 64 still 5.4 ms against 3.1 for the whole pruned search). On a GPU the
+# batched loop is launch-bound (~50 small kernels a frame), about as long for 1 sentence as for 64, so the Python
+# search wins at small batches only: 16 is an estimate from these CPU numbers, not a GPU measurement.
+PRUNED_CPU_MAX_BATCH = 16
+
+
+def choose_beam_search_backend(device, batch_size, backend="auto"):
+    """Which implementation `ctc_beam_search` runs: "batched" (`ctc_prefix_beam_search`, on the logits' device) or
+    "pruned_cpu" (`ctc_prefix_beam_search_pruned`). "auto": logits on the CPU, always the pruned search (measured
+    faster or within 15% at every batch size up to 64); on an accelerator, the pruned search for batches of at most
+    PRUNED_CPU_MAX_BATCH sentences (an estimate, see there), the batched search above. Raises ValueError for a name
+    not in BEAM_SEARCH_BACKENDS."""
+    if backend not in BEAM_SEARCH_BACKENDS:
+        raise ValueError(f"beam_search_backend must be one of {BEAM_SEARCH_BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    on_cpu = torch.device(device).type == "cpu"
+    return "pruned_cpu" if on_cpu or batch_size <= PRUNED_CPU_MAX_BATCH else "batched"
+
+
+def ctc_beam_search(log_probs, frame_lengths, blank_id, pad_id, beam_size, token_candidates, backend="auto"):
+    """CTC prefix beam search by the backend `choose_beam_search_backend` picks; arguments and outputs as
+    `ctc_prefix_beam_search`. token_candidates None (all tokens) always runs the batched search."""
+    chosen = choose_beam_search_backend(log_probs.device, log_probs.shape[0], backend)
+    if chosen == "pruned_cpu" and token_candidates is not None:
+        return ctc_prefix_beam_search_pruned(log_probs, frame_lengths, blank_id, pad_id, beam_size, token_candidates)
+    return ctc_prefix_beam_search(log_probs, frame_lengths, blank_id, pad_id, beam_size, token_candidates)
 
 
 def _logaddexp(a, b):

@@ -3,13 +3,14 @@
 
 `ctc_decode` reads only frame logits (or, for plain greedy, the frames' argmax ids), so every runtime that produces
 them (the PyTorch model here, the ONNX Runtime graph in `onnx_runtime.py`) decodes with the same code: greedy
-(collapse repeats, drop blanks), sampling, and prefix beam search (`ctc.py`).
+(collapse repeats, drop blanks), sampling, and prefix beam search (`ctc.py`; which implementation runs: the
+`generation_config` entry `beam_search_backend`, "auto" by default, see `ctc.choose_beam_search_backend`).
 """
 
 import torch
 import torch.nn.functional as F
 
-from .ctc import collapse_repeats_and_blanks, ctc_greedy_decode, ctc_prefix_beam_search, ctc_sample_decode
+from .ctc import collapse_repeats_and_blanks, ctc_beam_search, ctc_greedy_decode, ctc_sample_decode
 from .generation import GenerationRequest, finish_generation, has_content, process_scores, warp_for_sampling
 
 
@@ -22,12 +23,12 @@ def ctc_generate(model, request: GenerationRequest, encoder_outputs, source_mask
     hidden, blank = outputs.last_hidden_state, model.config.blank_token_id  # hidden: (batch, frames, d_model)
     frame_mask = emitting_frames(model.frame_mask(source_mask), request.input_ids, source_mask, model.config)
     if wants_frame_logits(request):
-        logits = model.ctc_head(hidden)  # (batch, frames, vocab)
+        logits = model.decoding_logits(hidden)  # (batch, frames, vocab) float32, whatever the model's dtype
         hypotheses, scores, frame_scores = ctc_decode(request, frame_mask, blank, logits=logits,
                                                       beam_token_candidates=beam_token_candidates)
     else:  # plain greedy: the CTC head on the valid frames only, so padded frames cost nothing
         frame_ids = torch.full(frame_mask.shape, blank, dtype=torch.long, device=hidden.device)
-        frame_ids[frame_mask] = process_scores(request, model.ctc_head(hidden[frame_mask])).argmax(-1)
+        frame_ids[frame_mask] = process_scores(request, model.decoding_logits(hidden[frame_mask])).argmax(-1)
         (hypotheses, scores, frame_scores), logits = ctc_decode(request, frame_mask, blank, frame_ids=frame_ids), None
     return finish_generation(request, hypotheses, scores, scores=frame_scores, logits=logits,
                              encoder_outputs=encoder_outputs, decoder_outputs=outputs)
@@ -58,7 +59,9 @@ def ctc_decode(request: GenerationRequest, frame_mask, blank_id: int, *, logits=
     logits: (batch, frames, vocab) raw frame logits; or, for plain greedy only, frame_ids: (batch, frames) each
     frame's argmax (already computed with `process_scores`). frame_mask: (batch, frames) bool, the frames that emit.
     Returns (hypotheses (batch, k, len) right-padded, their log-probabilities (beam search) or None, the processed
-    frame scores the decoding read (None when given frame_ids)).
+    frame scores the decoding read (None when given frame_ids)). Beam search reads two `generation_config` entries of
+    this model's own: `beam_token_candidates` (tokens tried per frame, default 2 * num_beams; the keyword wins) and
+    `beam_search_backend` ("auto", "batched" or "pruned_cpu": `ctc.choose_beam_search_backend`).
     """
     pad = request.pad_token_id
     if frame_ids is not None:
@@ -75,6 +78,7 @@ def ctc_decode(request: GenerationRequest, frame_mask, blank_id: int, *, logits=
         frame_scores = F.log_softmax(frame_scores.float(), -1)
         candidates = (beam_token_candidates or getattr(request.config, "beam_token_candidates", None)
                       or 2 * request.num_beams)
-        hypotheses, scores = ctc_prefix_beam_search(frame_scores, frame_mask.sum(1), blank_id, pad,
-                                                    request.num_beams, candidates)
+        backend = getattr(request.config, "beam_search_backend", None) or "auto"
+        hypotheses, scores = ctc_beam_search(frame_scores, frame_mask.sum(1), blank_id, pad, request.num_beams,
+                                             candidates, backend)
     return hypotheses, scores, frame_scores

@@ -21,7 +21,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # modeling file imports them, and shipping them keeps an export's code identical to the package's.
 REMOTE_CODE_FILES = ("configuration_weaknat.py", "modeling_weaknat.py", "layers.py", "ctc.py", "ctc_generation.py",
                      "length_prediction.py", "generation.py", "weak_ar.py", "glancing.py", "pipeline_weaknat.py",
-                     "saved_files.py", "transformers_compat.py")
+                     "saved_files.py", "static_shapes.py", "transformers_compat.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_weaknat.WeakNATConfig",
     "AutoModel": "modeling_weaknat.WeakNATModel",

@@ -250,3 +250,23 @@ def test_one_tokenizer_function_loads_a_saved_tokenizer_or_trains_one(tokenizer_
     trained, origin = load_or_train_tokenizer(None, files=files, vocab_size=200, max_sentences=500, num_threads=1)
     assert len(trained) == 200 and origin.startswith(
         "joint unigram SentencePiece, 200 pieces, trained on valid.de + valid.en (at most 500 lines) in ")
+
+
+def test_gpu_evidence_runs_every_stage_on_the_cpu_with_tiny_sizes(tmp_path):
+    """The smoke test of the one command the lent GPU runs (training/evidence/gpu_evidence.py), on the CPU."""
+    from training.evidence.gpu_evidence import main as gpu_evidence
+
+    summary = gpu_evidence(["--output", str(tmp_path), "--quick"])
+    assert summary["problems"] == {}
+    speed = json.loads((tmp_path / "speed.json").read_text())["results"]["cpu"]["batch_sizes"]["1"]["systems"]
+    for system in ("nar_greedy", "nar_beam", "nar_greedy_static", "nar_greedy_bf16", "nar_beam_bf16", "ar_greedy_bf16"):
+        assert speed[system]["ms_per_sentence"] > 0, system
+    assert speed["nar_greedy_bf16"]["speedup_vs_ar_greedy_bf16"] == pytest.approx(
+        speed["ar_greedy_bf16"]["median_s"] / speed["nar_greedy_bf16"]["median_s"])
+    training = json.loads((tmp_path / "training_speed.json").read_text())
+    assert all(training[f"{size}/{p}"]["updates_per_s"] > 0 for size in ("study_recipe", "base_size")
+               for p in ("fp32", "bf16"))
+    pair = json.loads((tmp_path / "bf16_pair.json").read_text())["variants"]
+    assert set(pair) == {"fp32", "bf16"} and "p_values_greedy" in pair["bf16"]
+    assert (tmp_path / "study/bf16_pair/bf16-seed1.json").is_file()
+    assert "| 1 | nar_greedy_bf16 |" in (tmp_path / "summary.md").read_text()

@@ -19,7 +19,7 @@ from transformers import (AutoModelForSeq2SeqLM, GenerationConfig, MarianConfig,
 from transformers.generation import GenerateBeamEncoderDecoderOutput, GenerateEncoderDecoderOutput
 
 from hf_weaknat import WeakNATForConditionalGeneration, export_for_hub
-from hf_weaknat.ctc import ctc_prefix_beam_search
+from hf_weaknat.ctc import ctc_beam_search
 from hf_weaknat.generation import ONE_PASS_UNSUPPORTED_ARGUMENTS, ONE_PASS_UNSUPPORTED_CONFIG
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -141,7 +141,7 @@ def test_beam_sequences_scores_are_sorted_and_are_the_beam_searchs_own_log_proba
     with torch.no_grad():
         log_probs = untrained(**batch).logits.float().log_softmax(-1)
     frames = untrained.frame_mask(batch["attention_mask"]).sum(1)
-    sequences, own = ctc_prefix_beam_search(log_probs, frames, 4, 0, 4, 8)
+    sequences, own = ctc_beam_search(log_probs, frames, 4, 0, 4, 8)  # the search generate's "auto" runs
     assert torch.equal(out.sequences, sequences.flatten(0, 1)) and torch.equal(out.sequences_scores, own.flatten())
     # scores[t] is what the search read at frame t; a prefix's score never exceeds its full CTC likelihood
     assert torch.allclose(torch.stack(out.scores, 1), log_probs)

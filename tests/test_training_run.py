@@ -15,15 +15,11 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
-from training_runs import DEMO, ENV, REPO, TINY, TINY_MODEL, TRAIN, records, run
+from training_runs import DEMO, ENV, REPO, TINY, TINY_MODEL, TRAIN, final_weights, records, run
 
 from hf_weaknat import WeakNATForConditionalGeneration  # also registers the pipeline
 from training import arguments, average_checkpoints, export, train
 from training.checkpoints import MODEL_DIR, STATE_FILE, complete_checkpoints, resolve_checkpoint
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(resolve_checkpoint(run_dir / "checkpoints", "latest") / MODEL_DIR / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -229,51 +225,3 @@ def test_early_stopping_ends_the_run_when_validation_bleu_stops_improving(tokeni
     assert [r["step"] for r in records(run_dir) if r["split"] == "validation"] == [2, 4]
     assert [c.name for c in complete_checkpoints(run_dir / "checkpoints")] == ["step-00000004"]
     assert (run_dir / "export/config.json").is_file()
-
-
-def test_two_processes_train_save_resume_and_export(tokenizer_dir, tmp_path):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env_cpu = {"ACCELERATE_USE_CPU": "1"}
-    common = [TRAIN, DEMO, *TINY, "--tokenizer_name", str(tokenizer_dir), "--save_steps", "3", "--eval_steps", "3",
-              "--report_to", "none", "--output_dir", str(tmp_path / "ddp"),
-              "--gradient_accumulation_steps", "2",  # gradients all-reduced once per step (no_sync before)
-              "--weak_ar_share_parameters", "false"]  # unshared decoders: DDP must allow unused parameters
-    ENV.update(env_cpu)
-    try:
-        first = run([*launcher, *common, "--max_steps", "6"], timeout=300)
-        assert "2 process(es), DistributedType.MULTI_CPU" in first.stdout
-        checkpoint = resolve_checkpoint(tmp_path / "ddp/checkpoints", "latest")
-        assert checkpoint.name == "step-00000006"
-        assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
-        second = run([*launcher, *common, "--max_steps", "10", "--resume_from_checkpoint", "latest"], timeout=300)
-    finally:
-        for key in env_cpu:
-            ENV.pop(key)
-    assert f"Resumed from {checkpoint} (step 6," in second.stdout
-    final = resolve_checkpoint(tmp_path / "ddp/checkpoints", "latest")
-    assert json.loads((final / STATE_FILE).read_text())["step"] == 10
-    assert [r["step"] for r in records(tmp_path / "ddp") if r["split"] == "train"] == [2, 4, 6, 8, 10]
-    exported = WeakNATForConditionalGeneration.from_pretrained(tmp_path / "ddp/export")
-    trained = WeakNATForConditionalGeneration.from_pretrained(final / MODEL_DIR)
-    assert exported.weak_ar is None and len(trained.weak_ar.decoders) == 2  # one per NAR layer, dropped at export
-    for name, tensor in exported.state_dict().items():
-        assert torch.equal(tensor, trained.state_dict()[name]), name
-
-
-def test_two_processes_with_a_warm_in_and_shared_partners_resume_to_the_uninterrupted_weights(tokenizer_dir,
-                                                                                               tmp_path):
-    """The partners get no gradient before the warm-in ends: DDP must be told (it failed at update 1 before)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    common = [*launcher, TRAIN, DEMO, *TINY, "--tokenizer_name", str(tokenizer_dir), "--save_steps", "3",
-              "--eval_steps", "0", "--report_to", "none", "--weak_ar_warmup_steps", "4"]
-    ENV["ACCELERATE_USE_CPU"] = "1"
-    try:
-        run([*common, "--max_steps", "6", "--output_dir", str(tmp_path / "resumed")], timeout=300)
-        run([*common, "--max_steps", "9", "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
-             "latest"], timeout=300)
-        run([*common, "--max_steps", "9", "--output_dir", str(tmp_path / "uninterrupted")], timeout=300)
-    finally:
-        ENV.pop("ACCELERATE_USE_CPU")
-    expected, got = final_weights(tmp_path / "uninterrupted"), final_weights(tmp_path / "resumed")
-    assert any(k.startswith("weak_ar.") for k in expected)  # the partners trained after the warm-in
-    assert all(torch.equal(expected[k], got[k]) for k in expected), "the resumed 2-process run took another path"

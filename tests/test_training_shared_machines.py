@@ -12,18 +12,13 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from training_runs import DEMO, ENV, REPO, TINY, TRAIN, records, run
+from training_runs import DEMO, ENV, REPO, TINY, TRAIN, final_weights, records, run
 
 from training import average_checkpoints, export, train
-from training.checkpoints import MODEL_DIR, STATE_FILE, CheckpointWriteError, complete_checkpoints, resolve_checkpoint
+from training.checkpoints import STATE_FILE, CheckpointWriteError, complete_checkpoints, resolve_checkpoint
 from training.run_lock import OWNER_FILE, RunFolderBusy, own_run_folder
 
 STOP_BOUND_S = 30  # the tiny recipe's update takes milliseconds: the bound is the save and the process's exit
-
-
-def final_weights(run_dir):
-    return load_file(resolve_checkpoint(run_dir / "checkpoints", "latest") / MODEL_DIR / "model.safetensors")
 
 
 def logged_step(run_dir) -> int:

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from conftest import batch_of, read_lines, record_weak_ar_memories, tiny_config
 from safetensors import safe_open
-from transformers import AutoModelForSeq2SeqLM
+from transformers import AutoModelForSeq2SeqLM, GenerationConfig
 
 from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration, WeakNATModel, export_for_hub
 from hf_weaknat.glancing import glanced_positions, glancing_target_inputs
-from hf_weaknat.length_prediction import (drop_adjacent_repeats, length_classes, model_target_inputs, target_inputs,
-                                          top_lengths, uniform_copy_indices)
+from hf_weaknat.length_prediction import (drop_adjacent_repeats, length_beam_lengths, length_classes,
+                                          model_target_inputs, target_inputs, top_lengths, uniform_copy_indices)
 
 SOURCES = [[7, 8, 9, 10, 11, 2], [12, 13, 2], [14, 15, 16, 2]]
 TARGETS = [[20, 21, 22, 23, 2], [24, 2], [25, 25, 26, 2]]
@@ -231,6 +231,51 @@ def test_drop_repeats_is_off_by_default_and_a_flag(untrained):
     assert strip(untrained.generate(**batch, drop_repeats=False)) == strip(raw)
 
 
+def test_a_window_length_beam_decodes_the_lengths_around_the_most_probable_one(untrained):
+    batch = batch_of(SOURCES)
+    greedy = [len(r) for r in strip(untrained.generate(**batch))]
+    out = untrained.generate(**batch, num_beams=3, num_return_sequences=3, length_beam="window")
+    for i, length in enumerate(greedy):
+        assert sorted(len(r) for r in strip(out[3 * i: 3 * i + 3])) == [length - 1, length, length + 1]
+    config_entry = untrained.generate(**batch, generation_config=GenerationConfig(
+        num_beams=3, num_return_sequences=3, length_beam="window"))
+    assert torch.equal(config_entry, out)  # a keyword or a generation_config entry
+    with pytest.raises(ValueError, match="length_beam must be one of"):
+        untrained.generate(**batch, num_beams=3, length_beam="nearby")
+
+
+@pytest.mark.parametrize("ranking", ["joint", "average_plus_length"])
+def test_length_beam_rankings_score_what_they_say(untrained, ranking):
+    batch = batch_of(SOURCES[:1])
+    out = untrained.generate(**batch, num_beams=4, num_return_sequences=4, return_dict_in_generate=True,
+                             output_scores=True, length_beam_ranking=ranking)
+    assert (out.sequences_scores[:-1] >= out.sequences_scores[1:]).all()
+    encoder = untrained.model.encode(batch["input_ids"])[0]
+    length_log_probs = F.log_softmax(untrained.model.length_predictor(encoder.last_hidden_state,
+                                                                      batch["attention_mask"]), -1)[0]
+    for sequence, score in zip(out.sequences, out.sequences_scores):
+        tokens = sequence[sequence != 0]
+        inputs = model_target_inputs(untrained.model, batch["attention_mask"], torch.tensor([len(tokens)]),
+                                     batch["input_ids"])
+        hidden = untrained.model.decoder(*inputs, encoder.last_hidden_state, batch["attention_mask"]).last_hidden_state
+        picked = F.log_softmax(untrained.ctc_head(hidden)[0], -1).gather(1, tokens[:, None])
+        length = length_log_probs[len(tokens) - len(SOURCES[0]) + 8]
+        expected = picked.sum() + length if ranking == "joint" else picked.mean() + length
+        torch.testing.assert_close(score, expected)
+
+
+def test_target_lengths_decode_each_sentence_at_the_given_length(untrained):
+    batch = batch_of(SOURCES)
+    ids = untrained.generate(**batch, target_lengths=torch.tensor([3, 9, 1]))
+    assert [len(r) for r in strip(ids)] == [3, 9, 1]
+    with pytest.raises(ValueError, match="one length in"):
+        untrained.generate(**batch, target_lengths=torch.tensor([3, 0, 1]))
+    with pytest.raises(ValueError, match="no length beam"):
+        untrained.generate(**batch, target_lengths=torch.tensor([3, 9, 1]), num_beams=2)
+    with pytest.raises(ValueError, match="for vanilla models"):
+        WeakNATForConditionalGeneration(tiny_config(vocab_size=40)).eval().generate(**batch, target_lengths=[3, 9, 1])
+
+
 def test_a_source_without_content_translates_to_nothing(untrained):
     assert untrained.generate(**batch_of([[2], [7, 8, 2]]))[0].eq(0).all()
 
@@ -357,3 +402,42 @@ def test_a_length_beam_wider_than_the_length_classes_is_refused():
     model = WeakNATForConditionalGeneration(tiny_config(nar_type="vanilla", max_length_offset=1)).eval()
     with pytest.raises(ValueError, match="max_length_offset"):
         model.generate(**batch_of(SOURCES), num_beams=4)
+
+
+# ------------------------------------------------------------------- length beam options, diagnostics (evidence tool)
+
+
+def test_a_window_length_beam_is_fairseqs_lengths_around_the_most_probable_one():
+    logits = torch.full((2, 17), -5.0)  # offsets -8..8
+    logits[0, 8 + 2] = 5.0  # source 6 + 2 -> 8
+    logits[1, 8 - 2] = 5.0  # source 3 - 2 -> 1: the window is clamped at 1
+    lengths, scores = length_beam_lengths(logits, torch.tensor([6, 3]), max_length=40, k=5, how="window")
+    assert lengths.tolist() == [[6, 7, 8, 9, 10], [1, 1, 1, 2, 3]]
+    expected = F.log_softmax(logits, -1).gather(1, lengths - torch.tensor([[6], [3]]) + 8)
+    assert torch.allclose(scores, expected)
+    top, _ = length_beam_lengths(logits, torch.tensor([6, 3]), max_length=40, k=5, how="top_k")
+    assert top[:, 0].tolist() == [8, 1] and len(set(top[1].tolist())) == 5  # top-k: distinct, may sit on one side
+
+
+def test_repetition_positions_locate_repeats_by_quarter_and_length():
+    from training.evidence.vanilla_diagnostics import repetition_positions
+
+    found = repetition_positions(["a a b c d e f g", "a b c d e f g g", "a b"], ["x " * 5, "x " * 15, "x"])
+    assert found["share_of_repeats_by_quarter"] == [0.5, 0.0, 0.0, 0.5]
+    assert found["sentences_with_a_repeat"] == pytest.approx(2 / 3)
+    assert found["rate_by_reference_length"]["0-10"] == pytest.approx(1 / 10)  # "a a b c d e f g" + "a b"
+
+
+def test_diagnostics_of_a_model_that_learned_its_pairs_find_exact_lengths_and_rank_with_its_partner(
+        memorized_vanilla, tokenizer):
+    from training.evidence.vanilla_diagnostics import RANKINGS, diagnose
+
+    model, sources, targets = memorized_vanilla
+    found = diagnose(model, tokenizer, sources, targets, num_beams=3)
+    assert found["length_accuracy"]["exact"] == 1.0 and found["length_accuracy"]["mean_error"] == 0
+    assert found["translations"]["greedy"] == targets == found["translations"]["oracle"]
+    assert set(found["systems"]) == {"greedy", "oracle"} | {f"{c}/{r}" for c in ("top_k", "window")
+                                                             for r in RANKINGS if r != "teacher"}
+    assert found["systems"]["greedy"]["bleu"] == pytest.approx(100.0)
+    # the partner trained on these pairs reading the NAR states at the right length prefers the right candidate
+    assert found["systems"]["top_k/partner"]["bleu"] == pytest.approx(100.0)

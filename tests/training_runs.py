@@ -5,6 +5,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
+from training.checkpoints import MODEL_DIR, resolve_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "training/configs/demo.yaml")
 TRAIN = str(REPO / "training/train.py")
@@ -24,6 +29,11 @@ def run(command, timeout=240) -> subprocess.CompletedProcess:
     result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights of the run's newest checkpoint."""
+    return load_file(resolve_checkpoint(run_dir / "checkpoints", "latest") / MODEL_DIR / "model.safetensors")
 
 
 def records(run_dir: Path) -> list[dict]:

@@ -45,7 +45,9 @@ class DamagedCheckpointError(RuntimeError):
 class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches of the current epoch done by each process (skipped on resume)
+    batches_in_epoch: int = 0  # batches of the current epoch done by all processes together (batching.Deal)
+    num_processes: int | None = None  # that saved this state (None: saved before it was recorded)
+    left_out_examples: int = 0  # examples of epoch tails too small to share among the processes (trainer.end_epoch)
     validation_bleu: dict[str, float] = dataclasses.field(default_factory=dict)  # str(step) -> BLEU
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradients (trainer.py), over the whole run
 
@@ -136,7 +138,8 @@ def save_checkpoint(accelerator, model, root: Path, state: TrainState, keep_last
                                                         save_function=accelerator.save,
                                                         is_main_process=accelerator.is_main_process)
         if accelerator.is_main_process:
-            state.save(temp / STATE_FILE)  # last file written: its presence marks the checkpoint complete
+            # last file written: its presence marks the checkpoint complete; it records who saved it
+            dataclasses.replace(state, num_processes=accelerator.num_processes).save(temp / STATE_FILE)
     except OSError as error:  # a full disk, a quota, a vanished mount: on any process, every process stops
         failure = error
     failed = accelerator.reduce(torch.tensor([float(failure is not None)], device=accelerator.device), "sum")

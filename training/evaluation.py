@@ -1,9 +1,11 @@
-"""Validation: loss, and sacreBLEU + chrF on greedy translations (CTC greedy, or greedy AR for the Marian baseline),
-split across processes.
+"""Validation: loss, sacreBLEU + chrF and the repeated-token rate of greedy translations (CTC greedy, or greedy AR
+for the Marian baseline), split across processes.
 
 `evaluate.load("sacrebleu")` needs the Hub; `TranslationScores` is the same computation as an `evaluate.Metric`
 that works offline, and reports sacrebleu's signatures so scores can be quoted exactly.
 """
+
+from collections.abc import Callable, Sequence
 
 import datasets
 import evaluate
@@ -37,6 +39,21 @@ class TranslationScores(evaluate.Metric):
 def score_translations(predictions: list[str], references: list[str]) -> dict:
     # keep_in_memory: no cache files or locks, each process may score on its own
     return TranslationScores(keep_in_memory=True).compute(predictions=predictions, references=references)
+
+
+def repetition_rate(hypotheses: Sequence[str], tokenize: Callable[[str], list[str]] = str.split) -> float:
+    """Repeated-token rate of the paper's Table 5 (as in Saharia et al. 2020), a fraction in [0, 1].
+
+    Each hypothesis is split into tokens (whitespace by default; pass e.g. a Moses or sacreBLEU tokenizer to split
+    punctuation too). A token is repeated when it equals the token immediately before it IN THE SAME sentence
+    ("a a a b" has two repeats). Rate = repeated tokens / all tokens, summed over the corpus (0.0 when empty).
+    """
+    repeats = total = 0
+    for hypothesis in hypotheses:
+        tokens = tokenize(hypothesis)
+        total += len(tokens)
+        repeats += sum(current == previous for previous, current in zip(tokens, tokens[1:]))
+    return repeats / total if total else 0.0
 
 
 def length_sorted_batches(examples: list[dict], max_tokens: int) -> list[list[int]]:
@@ -82,7 +99,8 @@ def evaluate_split(accelerator, model, tokenizer, dataset, max_tokens: int) -> d
     by_index = dict(translations)
     predictions = [by_index[i] for i in range(len(dataset))]
     scores = score_translations(predictions, list(dataset["target"]))
-    return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), **scores, "num_sentences": len(dataset),
+    return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), **scores,
+            "repetition_rate": repetition_rate(predictions), "num_sentences": len(dataset),
             "num_unfit_pairs": len(dataset) - int(totals[1].item()), **partner_scores, "predictions": predictions}
 
 

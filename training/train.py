@@ -11,12 +11,15 @@ end, `export/`: the Hub checkpoint without the weak AR decoders, with its card.
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs, FullyShardedDataParallelPlugin, ProjectConfiguration, set_seed,
+)
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, get_inverse_sqrt_schedule, pipeline
 
 from hf_weaknat import WeakNATForConditionalGeneration, push_export_to_hub  # also registers the weaknat Auto classes
@@ -47,15 +50,36 @@ def build_accelerator(model: ModelSection, train_args: TrainingArguments) -> Acc
     if "tensorboard" in trackers and not _tensorboard_installed():
         trackers.remove("tensorboard")
     accelerator = Accelerator(
-        mixed_precision=train_args.mixed_precision, log_with=trackers or None,
+        mixed_precision=train_args.mixed_precision, log_with=trackers or None, fsdp_plugin=fsdp_plugin(train_args),
         project_config=ProjectConfiguration(project_dir=train_args.output_dir,
                                             logging_dir=str(Path(train_args.output_dir) / "logs")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
         # the schedule is written in optimizer steps: accelerate would otherwise step it once per process
         step_scheduler_with_optimizer=False,
     )
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+        raise ValueError("mixed_precision fp16 needs a GPU: on the CPU accelerate trains in fp32 without autocast or "
+                         "grad scaler, and says nothing. Use mixed_precision bf16 (or no) on the CPU")
     accelerator.register_save_state_pre_hook(drop_tied_copies)
     return accelerator
+
+
+def fsdp_plugin(train_args: TrainingArguments) -> FullyShardedDataParallelPlugin | None:
+    """Under an FSDP launch (`accelerate launch --config_file training/configs/accelerate_fsdp.yaml`): the plugin the
+    launch configures, with an explicit mixed-precision policy: parameters computed in the recipe's half dtype,
+    gradients reduced (summed over processes and accumulated) in fp32, as DDP does. Accelerate's own default
+    reduces them in the half dtype. None otherwise."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_args.mixed_precision)
+    plugin = FullyShardedDataParallelPlugin()  # every other setting from the launch's FSDP_* variables
+    if compute is not None:
+        policy = {"param_dtype": compute, "reduce_dtype": torch.float32}
+        if plugin.fsdp_version == 1:
+            policy["buffer_dtype"] = torch.float32
+        plugin.mixed_precision_policy = policy
+        plugin.set_mixed_precision(train_args.mixed_precision)  # validates the dict into torch's policy class
+    return plugin
 
 
 def _tensorboard_installed() -> bool:
@@ -154,6 +178,32 @@ def load_training_state(accelerator, checkpoint: Path) -> TrainState:
             "If the model settings or the number of processes changed since it was saved, resume with those it was "
             f"saved with; if the checkpoint is damaged, move it out of {checkpoint.parent} and resume with "
             "--resume_from_checkpoint latest (the newest loadable one)") from error
+
+
+def adapt_to_processes(accelerator, state: TrainState, train_args: TrainingArguments):
+    """A checkpoint saved by another number of processes: the data continues at the epoch's position (positions
+    count the batches of the epoch's list, which does not depend on the number of processes: batching.Deal), and
+    every process gets a random state of its own, as the saved ones were one per old process."""
+    saved, now = state.num_processes, accelerator.num_processes
+    if saved is None:  # saved before positions were global: they counted one process's batches
+        if now > 1 and state.batches_in_epoch:
+            state.batches_in_epoch *= now
+            accelerator.print(f"Warning: this checkpoint predates global data positions; epoch {state.epoch} "
+                              f"continues at batch {state.batches_in_epoch} of its list, assuming {now} processes "
+                              "saved it (exact for one process only)")
+        return
+    if saved == now:
+        return
+    set_seed(train_args.seed + state.step, device_specific=True)
+    accumulation = train_args.gradient_accumulation_steps
+    same_update = accumulation * saved / now
+    advice = (f"; to keep its size, resume with --gradient_accumulation_steps {same_update:g} --allow_recipe_change "
+              "gradient_accumulation_steps" if same_update == int(same_update) else "")
+    accelerator.print(
+        f"The checkpoint was saved by {saved} process(es); resuming with {now}. Epoch {state.epoch} continues at "
+        f"batch {state.batches_in_epoch} of its list, with the examples the {saved}-process run would have taken "
+        f"next. Dropout and layer sampling draw from new random states. An update now averages {now} x "
+        f"{accumulation} micro-batches instead of {saved} x {accumulation}{advice}.")
 
 
 def run_description(model: ModelSection, data_args, train_args, config) -> dict:
@@ -355,6 +405,7 @@ def train_and_export(accelerator, model_section: ModelSection, data_args: DataAr
     if checkpoint is not None:
         state = load_training_state(accelerator, checkpoint)
         accelerator.print(f"Resumed from {checkpoint} (step {state.step}, epoch {state.epoch})")
+        adapt_to_processes(accelerator, state, train_args)
     else:
         set_seed(train_args.seed, device_specific=True)  # different dropout and layer sampling per process
     description = run_description(model_section, data_args, train_args, accelerator.unwrap_model(model).config)

@@ -142,14 +142,16 @@ class Trainer:
         while state.step < args.max_steps:
             if self.data_args.streaming:  # a stream is counted as it is read: count each pass over it afresh
                 self.filtered.update(dict.fromkeys(self.filtered, 0))
-            batches = (b for i, b in enumerate(self.batches.epoch(state.epoch))
-                       if i >= state.batches_in_epoch)  # resume mid-epoch: skip what this epoch already trained on
+            # from the epoch's position: a resumed run skips what the epoch already trained on, under any number
+            # of processes (batching.Deal)
+            epoch_pass = self.batches.epoch(state.epoch, state.batches_in_epoch)
             trained_in_epoch = state.batches_in_epoch
-            for group in optimizer_steps(batches, args.gradient_accumulation_steps):
+            for group in optimizer_steps(epoch_pass, args.gradient_accumulation_steps):
                 trained_in_epoch += len(group)
-                totals = train_step(self.accelerator, self.model, self.optimizer, self.scheduler, group, state.step,
-                                    args.max_grad_norm, self.tokenizer.pad_token_id)
-                state.batches_in_epoch += len(group)
+                totals = train_step(self.accelerator, self.model, self.optimizer, self.scheduler,
+                                    [examples for examples, _ in group], state.step, args.max_grad_norm,
+                                    self.tokenizer.pad_token_id)
+                state.batches_in_epoch = group[-1][1]
                 if totals["skipped"]:
                     self.skip(totals)  # raises TrainingDiverged after too many in a row
                     continue
@@ -163,11 +165,25 @@ class Trainer:
             else:
                 if trained_in_epoch == 0:  # a stream whose every pair was filtered out: stop, do not spin
                     raise DataError(f"A whole pass over the training data gave no usable batch "
-                                    f"({dict(self.filtered)}): check the data and the model's length limits")
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                                    f"({dict(self.filtered)}, {epoch_pass.left_out} left out as fewer than the "
+                                    f"{self.accelerator.num_processes} processes): check the data and the model's "
+                                    "length limits")
+                self.end_epoch(epoch_pass.left_out)
                 continue
             break  # max_steps reached, the validation BLEU stopped improving, or a stop signal
         self.bar.close()
+
+    def end_epoch(self, left_out: int):
+        """Count the examples this epoch left out (a last batch too small to give every process a share) and move to
+        the next epoch."""
+        state = self.state
+        if left_out:
+            state.left_out_examples += left_out
+            self.accelerator.print(
+                f"\nEpoch {state.epoch}: its last {left_out} example(s) could not be shared by the "
+                f"{self.accelerator.num_processes} processes and were left out of this epoch (the next epoch's "
+                f"shuffle ends with others; {state.left_out_examples} left out in the run so far)")
+        state.epoch, state.batches_in_epoch = state.epoch + 1, 0
 
     def plateaued(self) -> bool:
         """Validation BLEU has not reached a new best for `early_stopping_patience` validations in a row."""
@@ -236,6 +252,7 @@ class Trainer:
                   "ar_loss": mean("ar_loss", nar and self.config.weak_ar_layers),
                   "lr": self.scheduler.get_last_lr()[0],
                   "tokens_per_s": sums["tokens"] / (time.time() - self.window_start),
+                  "updates_per_s": steps / (time.time() - self.window_start),  # validation and saving included
                   "unfit_pairs_in_batches": int(sums["unfit_pairs"]), "grad_norm": grad_norm,
                   "skipped_steps": window["skipped_steps"]}
         if self.data_args.streaming:  # a stream's filter counts grow as it is read

@@ -17,6 +17,7 @@ The model's `generate` runs the network and the decoding in between (CTC: `ctc_g
 differs between transformers 4.x and 5.x through `transformers_compat.py`).
 """
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 
@@ -59,6 +60,9 @@ ONE_PASS_UNSUPPORTED_INPUTS = {
 # `tokenizer` (only used by transformers for `stop_strings`), `trust_remote_code` (only for `custom_generate`),
 # `labels` (Seq2SeqTrainer passes the batch's labels; a translation does not read them)
 IGNORED_ARGUMENTS = ("synced_gpus", "tokenizer", "trust_remote_code", "labels")
+# This model's own generation options, not GenerationConfig fields: taken as keywords (as transformers takes its own)
+# or as `generation_config` entries; each is checked where it is used (docs/usage.md, "Generation arguments")
+MODEL_OPTIONS = ("beam_search_backend", "length_beam", "length_beam_ranking")
 # GenerationConfig fields that act on the steps of an autoregressive decoder: a ValueError when set to anything but
 # their neutral value(s). Everything else in GenerationConfig is honoured or a documented no-op (the package's
 # docs/usage.md, "Generation arguments").
@@ -161,7 +165,10 @@ def prepare_generation(model, inputs, generation_config, kwargs: dict) -> Genera
     has_default_max_length = (kwargs.get("max_length") is None and kwargs.get("max_new_tokens") is None
                               and (generation_config is None or generation_config.max_length is None)
                               and model.generation_config.max_length is None)
-    config, model_kwargs = GenerationMixin._prepare_generation_config(model, generation_config, **kwargs)
+    options = {name: kwargs.pop(name) for name in MODEL_OPTIONS if kwargs.get(name) is not None}
+    config, model_kwargs = merged_generation_config(model, generation_config, kwargs)
+    for name, value in options.items():  # on the call's own (shallow) copy of the config
+        setattr(config, name, value)
     model_kwargs.pop("output_attentions", None)  # transformers hands these to the model: they are in `config`
     model_kwargs.pop("output_hidden_states", None)
 
@@ -192,6 +199,56 @@ def prepare_generation(model, inputs, generation_config, kwargs: dict) -> Genera
         suppressed_token_ids=suppressed_token_ids(config, model.config.vocab_size),
         warpers=sampling_warpers(config) if mode == "sample" else [],
     )
+
+
+SOURCE_INPUTS = ("input_ids", "attention_mask", "inputs_embeds")
+_PLAIN_VALUES = (type(None), bool, int, float, str)
+
+
+def merged_generation_config(model, generation_config, kwargs: dict) -> tuple[GenerationConfig, dict]:
+    """transformers' `GenerationMixin._prepare_generation_config(model, generation_config, **kwargs)`, remembered per
+    model for the calls that repeat: no `generation_config` object and only plain keyword values (None, bool, int,
+    float, str) beside the source tensors.
+
+    transformers deep-copies and merges the model's `GenerationConfig` (and checks `model.config` for legacy
+    generation fields) on every call, about half a millisecond, as much as a small model's whole CPU pass at batch
+    1. The merged config depends only on `model.generation_config`, `model.config` and those keyword values, so it is
+    reused while snapshots of the first two compare equal (a few microseconds); any change to either, an unusual
+    value or a `generation_config` argument takes transformers' own path. Returns (config, model kwargs) as
+    transformers does; the config is a shallow copy, so nothing a caller sets on it reaches the next call.
+    """
+    key = None
+    if generation_config is None:
+        options = tuple(sorted((name, type(value).__name__, value) for name, value in kwargs.items()
+                               if name not in SOURCE_INPUTS))  # the type too: 1 == True, but not as a setting
+        if all(type(value) in _PLAIN_VALUES for _, _, value in options):
+            key = (options, tuple(sorted(name for name in kwargs if name in SOURCE_INPUTS)))
+    cache = model.__dict__.setdefault("_one_pass_generation_configs", {})
+    if key is not None and key in cache:
+        generation_state, model_state, config, model_keys = cache[key]
+        try:
+            unchanged = (vars(model.generation_config) == generation_state and vars(model.config) == model_state)
+        except Exception:  # a value without a plain `==` (e.g. a tensor): do not trust the snapshot
+            unchanged = False
+        if unchanged:
+            model_kwargs = {name: kwargs[name] for name in model_keys}
+            for name in ("output_attentions", "output_hidden_states"):  # as transformers adds them
+                if getattr(config, name):
+                    model_kwargs[name] = getattr(config, name)
+            return copy.copy(config), model_kwargs
+    config, model_kwargs = GenerationMixin._prepare_generation_config(model, generation_config, **kwargs)
+    if key is not None:
+        try:
+            snapshot = (copy.deepcopy(vars(model.generation_config)), copy.deepcopy(vars(model.config)))
+            valid = snapshot[0] == vars(model.generation_config) and snapshot[1] == vars(model.config)
+        except Exception:
+            valid = False
+        if valid:
+            if len(cache) >= 32:  # bounded: a stream of distinct keyword values must not grow it forever
+                cache.clear()
+            model_keys = tuple(name for name in kwargs if name in model_kwargs)
+            cache[key] = (*snapshot, copy.copy(config), model_keys)
+    return config, model_kwargs
 
 
 def decoding_mode(config: GenerationConfig) -> str:
@@ -254,7 +311,7 @@ def check_source(input_ids=None, attention_mask=None, inputs_embeds=None, *, voc
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch, src_len), got {tuple(input_ids.shape)}: {hint}")
         if input_ids.numel():
-            low, high = int(input_ids.min()), int(input_ids.max())
+            low, high = torch.stack(tuple(torch.aminmax(input_ids))).tolist()  # one host sync for both bounds
             bad = low if low < 0 else high if high >= vocab_size else None
             if bad is not None:
                 row = int((input_ids == bad).any(1).nonzero()[0])
@@ -314,8 +371,10 @@ def has_content(input_ids, source_mask, config) -> torch.Tensor:
     translates to an empty sequence)."""
     if input_ids is None:
         return source_mask.bool().any(1)
-    special = [t for t in (config.pad_token_id, config.bos_token_id, config.eos_token_id) if t is not None]
-    return (source_mask.bool() & ~torch.isin(input_ids, input_ids.new_tensor(special))).any(1)
+    content = source_mask.bool()
+    for token in {t for t in (config.pad_token_id, config.bos_token_id, config.eos_token_id) if t is not None}:
+        content = content & (input_ids != token)  # no host-to-device copy of the special ids
+    return content.any(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,18 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights  # (batch, q_len, heads, head_dim)
 
 
+def float32_linear(x, weight):
+    """`F.linear(x, weight)` (no bias) in float32 whatever the dtypes of x (..., d_in) and weight (d_out, d_in), and
+    outside any autocast: the output head and the length predictor as decoding reads them -> (..., d_out) float32.
+
+    Autocast is switched off on CPU and CUDA, the devices this package trains under autocast on; whether
+    `torch.autocast` accepts other device types depends on the torch version, so there it is left alone."""
+    if x.device.type in ("cpu", "cuda"):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), weight.float())
+    return F.linear(x.float(), weight.float())
+
+
 class WeakNATAttention(nn.Module):
     """Multi-head attention dispatched through transformers' attention interface (eager, sdpa, flash...)."""
 
@@ -112,5 +124,5 @@ class WeakNATScaledEmbedding(nn.Embedding):
         return super().forward(input_ids) * self.embed_scale
 
 
-__all__ = ["WeakNATAttention", "WeakNATFeedForward", "WeakNATSublayer", "WeakNATEncoderLayer", "WeakNATDecoderLayer",
-           "WeakNATScaledEmbedding", "eager_attention_forward"]
+__all__ = ["float32_linear", "WeakNATAttention", "WeakNATFeedForward", "WeakNATSublayer", "WeakNATEncoderLayer",
+           "WeakNATDecoderLayer", "WeakNATScaledEmbedding", "eager_attention_forward"]

@@ -4,8 +4,8 @@
 
 Reading order: the length predictor (a classifier over `tgt_len - src_len` from the mean-pooled encoder states) and
 its loss; the decoder inputs at the target length (uniform copy of the source embeddings, or placeholders); the
-token loss; decoding (the candidate lengths: argmax, or the top-k for the length beam, then one argmax per position,
-ranked by average log-probability). The model (`modeling_weaknat.py`) runs the network; the weak AR decoders read
+token loss; decoding (the candidate lengths: argmax, or for the length beam the top-k or a window around the argmax,
+then one argmax per position, ranked by average or joint log-probability). The model (`modeling_weaknat.py`) runs the network; the weak AR decoders read
 the NAR layers' target-length states through the same `weak_ar.py` as for CTC. Nothing here knows about CTC.
 """
 
@@ -15,6 +15,7 @@ from torch import nn
 from transformers.modeling_outputs import Seq2SeqModelOutput
 
 from .generation import finish_generation, has_content, process_scores, warp_for_sampling
+from .layers import float32_linear
 
 # ----------------------------------------------------------------------------------------------------------------
 # Length prediction
@@ -30,10 +31,13 @@ class WeakNATLengthPredictor(nn.Module):
         self.proj = nn.Linear(config.d_model, config.num_length_classes, bias=False)
 
     def forward(self, encoder_states, source_mask):
-        """encoder_states (batch, src_len, d); source_mask (batch, src_len) -> (batch, classes) logits."""
-        mask = source_mask.to(encoder_states.dtype)[..., None]
-        pooled = (encoder_states * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return self.proj(pooled)
+        """encoder_states (batch, src_len, d); source_mask (batch, src_len) -> (batch, classes) float32 logits.
+
+        Pooled and projected in float32 whatever the model's dtype (and outside autocast): one length decides a whole
+        output, and a mean over a half-precision sum, or a half-precision logit, can flip a near-tie of lengths."""
+        mask = source_mask.float()[..., None]
+        pooled = (encoder_states.float() * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return float32_linear(pooled, self.proj.weight)
 
 
 def length_classes(source_lengths, target_lengths, max_offset: int):
@@ -67,6 +71,26 @@ def top_lengths(length_logits, source_lengths, max_length: int, k: int):
     chosen = lengths.gather(1, classes)
     chosen = torch.where(torch.isfinite(scores), chosen, chosen[:, :1])
     return chosen, scores
+
+
+LENGTH_BEAMS = ("top_k", "window")
+
+
+def length_beam_lengths(length_logits, source_lengths, max_length: int, k: int, how: str = "top_k"):
+    """The k lengths a length beam decodes, with their log-probabilities: ((batch, k) long, (batch, k)).
+
+    `"top_k"`: the k most probable lengths (`top_lengths`), which may all sit on one side of the most probable one.
+    `"window"`: fairseq's `regenerate_length_beam`, the most probable length + (-k//2 .. (k-1)//2), clamped to
+    [1, max_length] (near 1 the clamped lengths repeat, as in fairseq)."""
+    if how not in LENGTH_BEAMS:
+        raise ValueError(f"length_beam must be one of {LENGTH_BEAMS}, got {how!r}")
+    if how == "top_k":
+        return top_lengths(length_logits, source_lengths, max_length, k)
+    best, _ = top_lengths(length_logits, source_lengths, max_length, 1)
+    lengths = (best + torch.arange(k, device=best.device) - k // 2).clamp(1, max_length)
+    max_offset = (length_logits.shape[-1] - 1) // 2
+    classes = (lengths - source_lengths[:, None] + max_offset).clamp(0, 2 * max_offset)
+    return lengths, F.log_softmax(length_logits.float(), -1).gather(1, classes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,14 +177,33 @@ def argmax_decode(log_probs_or_logits, target_mask, pad_token_id: int):
     return log_probs_or_logits.argmax(-1).masked_fill(~target_mask, pad_token_id)
 
 
-def rank_length_beam(tokens, log_probs, target_mask, batch: int, k: int, valid_rows=None):
-    """The length beam's ranking: each candidate's average log-probability of its tokens (fairseq's
-    `--iter-decode-with-beam`), best first per sentence.
+LENGTH_BEAM_RANKINGS = ("average", "joint", "average_plus_length")
+
+
+def length_beam_scores(token_log_probs, token_counts, length_scores, ranking: str = "average"):
+    """A length-beam candidate's score under `ranking` (`rank_length_beam`), from its summed token log-probabilities,
+    its token count and its length's log-probability, each (rows,)."""
+    if ranking not in LENGTH_BEAM_RANKINGS:
+        raise ValueError(f"length_beam_ranking must be one of {LENGTH_BEAM_RANKINGS}, got {ranking!r}")
+    average = token_log_probs / token_counts.clamp(min=1)  # an empty row: 0, the log-probability of nothing
+    if ranking == "joint":
+        return token_log_probs + length_scores
+    return average + length_scores if ranking == "average_plus_length" else average
+
+
+def rank_length_beam(tokens, log_probs, target_mask, batch: int, k: int, valid_rows=None, ranking: str = "average",
+                     length_scores=None):
+    """The length beam's ranking, best first per sentence, by `ranking`:
+
+    - `"average"`: each candidate's average token log-probability (fairseq's `--iter-decode-with-beam`);
+    - `"joint"`: its log-probability as a whole, the sum of its tokens' plus its length's (`length_scores`);
+    - `"average_plus_length"`: the average token log-probability plus the length's log-probability.
 
     tokens (batch * k, len); log_probs (batch * k, len, vocab); target_mask (batch * k, len); valid_rows (batch * k)
-    bool or None: rows that score -inf when false. Returns (hypotheses (batch, k, len), scores (batch, k))."""
+    bool or None: rows that score -inf when false; length_scores (batch * k) the lengths' log-probabilities.
+    Returns (hypotheses (batch, k, len), scores (batch, k))."""
     picked = log_probs.gather(-1, tokens[..., None]).squeeze(-1).masked_fill(~target_mask, 0.0)
-    scores = picked.sum(1) / target_mask.sum(1).clamp(min=1)  # an empty row: 0, the log-probability of nothing
+    scores = length_beam_scores(picked.sum(1), target_mask.sum(1), length_scores, ranking)
     if valid_rows is not None:
         scores = scores.masked_fill(~valid_rows, float("-inf"))
     scores = scores.view(batch, k)
@@ -181,36 +224,57 @@ def vanilla_loss_terms(logits, labels, length_logits, source_mask, target_mask, 
     return terms
 
 
-def vanilla_generate(model, request, encoder_outputs, source_mask, drop_repeats=None):
+def vanilla_generate(model, request, encoder_outputs, source_mask, drop_repeats=None, target_lengths=None):
     """`WeakNATForConditionalGeneration.generate` for a vanilla model, after encoding: the decoder once at each
-    sentence's most probable length, or at its `num_beams` most probable lengths (the length beam, rows
-    sentence-major), then `vanilla_decode`, and transformers' output (`generation.finish_generation`)."""
+    sentence's most probable length, or at the `num_beams` lengths of its length beam (`length_beam_lengths`, rows
+    sentence-major), or at given `target_lengths` (batch,), then `vanilla_decode`, and transformers' output
+    (`generation.finish_generation`)."""
     encoder_states, k = encoder_outputs.last_hidden_state, request.num_beams
-    lengths, length_scores = top_lengths(model.model.length_predictor(encoder_states, source_mask),
-                                         source_mask.sum(1), model.config.max_frames, k)
+    length_logits = model.model.length_predictor(encoder_states, source_mask)
+    if target_lengths is not None:  # given lengths (e.g. the references': oracle length), one per sentence
+        lengths, length_scores = checked_target_lengths(target_lengths, request, model.config.max_frames), None
+    else:
+        lengths, length_scores = length_beam_lengths(length_logits, source_mask.sum(1), model.config.max_frames, k,
+                                                     getattr(request.config, "length_beam", None) or "top_k")
     rows = lambda x: None if x is None else x.repeat_interleave(k, 0)  # noqa: E731 - each sentence k times
     inputs, mask = model_target_inputs(model.model, rows(source_mask), lengths.flatten(), rows(request.input_ids),
                                        rows(request.inputs_embeds), rows(encoder_states))
     decoded = model.model.decoder(inputs, mask, rows(encoder_states), rows(source_mask), request.output_attentions,
                                   request.output_hidden_states)
-    logits = model.ctc_head(decoded.last_hidden_state)  # (batch * k, len, vocab)
+    logits = model.decoding_logits(decoded.last_hidden_state)  # (batch * k, len, vocab) float32
     if drop_repeats is None:
         drop_repeats = getattr(request.config, "drop_repeats", None)
     drop = model.config.drop_repeats if drop_repeats is None else drop_repeats
     content = rows(has_content(request.input_ids, source_mask, model.config))  # `</s>` alone translates to nothing
-    hypotheses, scores, position_scores = vanilla_decode(request, logits, mask & content[:, None], drop,
-                                                         torch.isfinite(length_scores).flatten())
+    valid = None if length_scores is None else torch.isfinite(length_scores).flatten()
+    hypotheses, scores, position_scores = vanilla_decode(
+        request, logits, mask & content[:, None], drop, valid,
+        None if length_scores is None else length_scores.flatten(),
+        getattr(request.config, "length_beam_ranking", None) or "average")
     outputs = Seq2SeqModelOutput(decoder_hidden_states=decoded.hidden_states, decoder_attentions=decoded.attentions,
                                  cross_attentions=decoded.cross_attentions)
     return finish_generation(request, hypotheses, scores, scores=position_scores, logits=logits,
                              encoder_outputs=encoder_outputs, decoder_outputs=outputs)
 
 
-def vanilla_decode(request, logits, target_mask, drop_repeats: bool = False, valid_rows=None):
+def checked_target_lengths(target_lengths, request, max_length: int):
+    """`target_lengths` given to generate: one length in [1, max_length] per sentence, each decoded once (beam)."""
+    lengths = torch.as_tensor(target_lengths, device=(request.input_ids if request.input_ids is not None
+                                                      else request.inputs_embeds).device).long().flatten()
+    if lengths.numel() != request.batch_size or ((lengths < 1) | (lengths > max_length)).any():
+        raise ValueError(f"target_lengths must hold one length in [1, {max_length}] per sentence ({request.batch_size}),"
+                         f" got {lengths.tolist()}")
+    if request.num_beams > 1:
+        raise ValueError("target_lengths fixes each sentence's length: there is no length beam to search (num_beams=1)")
+    return lengths[:, None]
+
+
+def vanilla_decode(request, logits, target_mask, drop_repeats: bool = False, valid_rows=None, length_scores=None,
+                   ranking: str = "average"):
     """Tokens from the per-position logits (batch * k, len, vocab) as `request` asks: greedy (argmax), sampling (each
     position drawn from its warped distribution, `num_return_sequences` draws) or the length beam (argmax at each of
-    the k lengths, ranked by average log-probability; rows not in `valid_rows` (lengths out of range) last, at
-    -inf). An empty hypothesis (a source without content) scores 0. Returns (hypotheses (batch, n, len) right-padded
+    the k lengths, ranked by `rank_length_beam`'s `ranking` with the lengths' `length_scores` (batch * k); rows not in
+    `valid_rows` (lengths out of range) last, at -inf). An empty hypothesis (a source without content) scores 0. Returns (hypotheses (batch, n, len) right-padded
     to the longest, their scores (beam) or None, the per-position scores decoded)."""
     pad, batch = request.pad_token_id, request.batch_size
     scores, hypothesis_scores = process_scores(request, logits), None
@@ -223,7 +287,8 @@ def vanilla_decode(request, logits, target_mask, drop_repeats: bool = False, val
     elif request.mode == "beam":
         scores = F.log_softmax(scores.float(), -1)
         hypotheses, hypothesis_scores = rank_length_beam(argmax_decode(scores, target_mask, pad), scores, target_mask,
-                                                         batch, logits.shape[0] // batch, valid_rows)
+                                                         batch, logits.shape[0] // batch, valid_rows, ranking,
+                                                         length_scores)
     else:
         hypotheses = argmax_decode(scores, target_mask, pad).view(batch, 1, -1)
     hypotheses = hypotheses[..., : int(target_mask.sum(1).max())]

@@ -28,9 +28,10 @@ from .ctc import WeakNATUpsampler, ctc_loss
 from .ctc_generation import check_blank_not_suppressed, ctc_generate
 from .generation import finish_generation, prepare_generation
 from .glancing import glancing_frame_inputs, glancing_target_inputs
-from .layers import WeakNATDecoderLayer, WeakNATEncoderLayer, WeakNATScaledEmbedding
+from .layers import WeakNATDecoderLayer, WeakNATEncoderLayer, WeakNATScaledEmbedding, float32_linear
 from .length_prediction import WeakNATLengthPredictor, vanilla_decoder_inputs, vanilla_generate, vanilla_loss_terms
 from .saved_files import check_saved_files
+from .static_shapes import static_ctc_generate, use_static_shapes
 from .transformers_compat import create_bidirectional_mask, init
 from .weak_ar import WeakARDecoders, multitask_loss
 
@@ -177,8 +178,16 @@ def checked_source_mask(config: WeakNATConfig, input_ids=None, attention_mask=No
     device = (input_ids if input_ids is not None else inputs_embeds).device
     if attention_mask is None:
         return torch.ones(batch, src_len, dtype=torch.long, device=device)
-    check_right_padded(attention_mask, "attention_mask")
-    if src_len and not attention_mask.bool().any(1).all():
+    left_padded = empty_row = torch.zeros((), dtype=torch.bool, device=attention_mask.device)
+    if src_len > 1:  # check_right_padded's test
+        left_padded = (attention_mask[:, 1:].long() > attention_mask[:, :-1].long()).any()
+    if src_len:
+        empty_row = ~attention_mask.bool().any(1).all()
+    left_padded, empty_row = torch.stack((left_padded, empty_row)).tolist()  # one host sync for both checks
+    if left_padded:
+        raise ValueError("attention_mask must be right-padded (padding after the tokens); "
+                         "set tokenizer.padding_side='right'")
+    if empty_row:
         raise ValueError("Every row needs at least one source token (an empty sentence encodes as '</s>')")
     return attention_mask
 
@@ -303,6 +312,19 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.ctc_head = value
+
+    def decoding_logits(self, hidden_states):
+        """The output head as decoding reads it: (..., d_model) decoder states -> (..., vocab) float32 logits.
+
+        A half-precision model (`from_pretrained(..., dtype=torch.bfloat16)`, or under autocast) runs its network in
+        that dtype, but the logits that greedy argmax, sampling and beam search read are computed in float32, as
+        transformers' own `generate` reads float32 logits: a bfloat16 logit between 8 and 16 is rounded to a
+        multiple of 0.0625, enough to flip a frame's near-tie (docs/usage.md, "Half precision"). A head that is not a
+        plain float `nn.Linear` (e.g. after `torch.ao.quantization.quantize_dynamic`) runs as it is."""
+        weight = self.ctc_head.weight
+        if not isinstance(weight, torch.Tensor):  # a quantized head: `weight` is a method, the module knows best
+            return self.ctc_head(hidden_states).float()
+        return float32_linear(hidden_states, weight)
 
     def frame_mask(self, attention_mask):
         """(batch, src_len) source mask -> (batch, frames) mask of the valid CTC frames."""
@@ -438,7 +460,7 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def generate(self, inputs=None, generation_config=None, synced_gpus=None, beam_token_candidates=None,
-                 drop_repeats=None, **kwargs):
+                 drop_repeats=None, target_lengths=None, **kwargs):
         r"""Translate in one forward pass, with transformers' `generate` arguments, config and output classes.
 
         inputs / input_ids (`torch.LongTensor` of shape `(batch, src_len)`): right-padded source with
@@ -448,6 +470,12 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
         beam_token_candidates (`int`, optional): CTC: tokens tried per frame by beam search (default `2 * num_beams`).
         drop_repeats (`bool`, optional): vanilla: merge adjacent identical output tokens (default: the generation
             config's `drop_repeats`, else `config.drop_repeats`, False).
+        target_lengths (`torch.LongTensor` of shape `(batch,)`, optional): vanilla: decode each sentence at this
+            length instead of the predicted one (e.g. the reference's: the oracle length), with `num_beams=1`.
+        beam_search_backend, length_beam, length_beam_ranking (`str`, optional): this model's own options, as
+            keywords or `generation_config` entries: which CTC beam search runs (`ctc.choose_beam_search_backend`);
+            vanilla: which lengths the length beam decodes (`"top_k"` or fairseq's `"window"`) and how it ranks them
+            (`"average"`, `"joint"`, `"average_plus_length"`: `length_prediction.rank_length_beam`).
 
         `num_beams=1`: each valid frame's argmax, repeats collapsed, blanks dropped; `num_beams > 1`: CTC prefix beam
         search; `do_sample=True`: each frame drawn from its warped distribution, then collapsed. Vanilla: the most
@@ -456,6 +484,8 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
         most probable length). A one-pass model
         does not stop early: the frames fix the length, `max_length` / `max_new_tokens` only truncate. An empty
         sentence (`</s>` alone) translates to an empty sequence. docs/usage.md ("Generation arguments") lists them all.
+        `cache_implementation="static"` or a `compile_config` (transformers' switches): a CTC model pads the source to
+        a bucketed length and runs its pass compiled (`static_shapes.py`), with the same tokens.
 
         Returns: `torch.LongTensor` (batch * num_return_sequences, len), right-padded with `pad_token_id`, or with
         `return_dict_in_generate=True` a `GenerateEncoderDecoderOutput` / `GenerateBeamEncoderDecoderOutput`
@@ -464,16 +494,21 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
         source's are padding).
         """
         request = prepare_generation(self, inputs, generation_config, kwargs)
+        if target_lengths is not None and self.config.is_ctc:
+            raise ValueError("target_lengths is for vanilla models: a CTC model's output length follows its frames")
         if self.config.is_ctc:
             check_blank_not_suppressed(request, self.config.blank_token_id)
         if request.is_empty:
             device = (request.input_ids if request.input_ids is not None else request.inputs_embeds).device
             return finish_generation(request, *request.empty_hypotheses(device))
+        if use_static_shapes(self, request):  # `cache_implementation="static"` or a `compile_config`
+            source_mask = checked_source_mask(self.config, request.input_ids, request.attention_mask)
+            return static_ctc_generate(self, request, source_mask, beam_token_candidates)
         encoder_outputs, source_mask = self.model.encode(request.input_ids, request.attention_mask,
                                                          request.inputs_embeds, request.output_attentions,
                                                          request.output_hidden_states)
         if not self.config.is_ctc:  # length_prediction.py
-            return vanilla_generate(self, request, encoder_outputs, source_mask, drop_repeats)
+            return vanilla_generate(self, request, encoder_outputs, source_mask, drop_repeats, target_lengths)
         return ctc_generate(self, request, encoder_outputs, source_mask, beam_token_candidates)
 
 

@@ -18,27 +18,13 @@ from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF
 
+from training.evaluation import repetition_rate  # noqa: F401  (part of this module's library)
 from training.evidence import MULTI30K, recorded_path
 
 # (low, high] in reference tokens; None = no upper bound. The paper's Table 4 (WMT14) uses PAPER_BUCKETS; Multi30k
 # references average ~12 tokens, so the default splits short sentences finer.
 DEFAULT_BUCKETS = ((0, 10), (10, 20), (20, 30), (30, None))
 PAPER_BUCKETS = ((0, 20), (20, 40), (40, 60), (60, None))
-
-
-def repetition_rate(hypotheses: Sequence[str], tokenize: Callable[[str], list[str]] = str.split) -> float:
-    """Repeated-token rate of the paper's Table 5 (as in Saharia et al. 2020), a fraction in [0, 1].
-
-    Each hypothesis is split into tokens (whitespace by default; pass e.g. a Moses or sacreBLEU tokenizer to split
-    punctuation too). A token is repeated when it equals the token immediately before it IN THE SAME sentence
-    ("a a a b" has two repeats). Rate = repeated tokens / all tokens, summed over the corpus (0.0 when empty).
-    """
-    repeats = total = 0
-    for hypothesis in hypotheses:
-        tokens = tokenize(hypothesis)
-        total += len(tokens)
-        repeats += sum(current == previous for previous, current in zip(tokens, tokens[1:]))
-    return repeats / total if total else 0.0
 
 
 def bucket_name(low: int, high: int | None) -> str:

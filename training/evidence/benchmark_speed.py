@@ -32,6 +32,7 @@ Examples:
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -93,6 +94,10 @@ def parse_args(argv=None):
                    "(default: generate's own default, 2 * num_beams)")
     p.add_argument("--ar_beams", type=int, default=5)
     p.add_argument("--int8", action="store_true", help="also time int8 dynamically quantized greedy (CPU only)")
+    p.add_argument("--half", choices=("bf16", "fp16"), help="also time both models in this dtype (weights and "
+                   "activations; the decoding math stays fp32): NAR greedy and beam, AR greedy and beam")
+    p.add_argument("--static_shapes", action="store_true",
+                   help="also time the NAR's static-shape compiled pass (cache_implementation='static'), greedy")
     p.add_argument("--onnx", action="store_true", help="also time the NAR in ONNX Runtime (CPU; pip install .[onnx])")
     p.add_argument("--onnx_fused", action="store_true",
                    help="with --onnx: also time the graph exported with ONNX Runtime's attention fusions (fuse=True)")
@@ -182,11 +187,14 @@ def make_batches(tokenizer, sources, references, batch_size, device, max_length:
     return batches
 
 
-def nar_system(model, num_beams, candidates):
+def nar_system(model, num_beams, candidates, **options):
     def run(batch):
         return model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              num_beams=num_beams, beam_token_candidates=candidates)
+                              num_beams=num_beams, beam_token_candidates=candidates, **options)
     return run
+
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def ar_system(model, num_beams, forced_length):
@@ -321,6 +329,13 @@ def summarize(totals: dict[str, dict], num_sentences: int) -> dict:
             row[f"speedup_vs_{reference}"] = rows[reference]["median_s"] / row["median_s"]
         if name.endswith("_int8") and f"{name[:-5]}" in rows:  # int8 against the same system in fp32
             row["speedup_vs_fp32"] = rows[name[:-5]]["median_s"] / row["median_s"]
+        for half in HALF:  # a half-precision system against the AR system in the same dtype, and its fp32 self
+            if name.endswith(f"_{half}") and name.startswith("nar"):
+                for reference in (f"ar_greedy_{half}", f"ar_beam_{half}"):
+                    if reference in rows:
+                        row[f"speedup_vs_{reference}"] = rows[reference]["median_s"] / row["median_s"]
+            if name.endswith(f"_{half}") and name[:-len(half) - 1] in rows:
+                row["speedup_vs_fp32"] = rows[name[:-len(half) - 1]]["median_s"] / row["median_s"]
         if name == "nar_greedy_int8" and "ar_greedy_int8" in rows:
             row["speedup_vs_ar_greedy_int8"] = rows["ar_greedy_int8"]["median_s"] / row["median_s"]
     return rows
@@ -364,6 +379,17 @@ def build_systems(args, device, nar, ar, tokenizers, forced_length, workdir: Pat
     if args.int8 and device == "cpu":  # quantize_dynamic has CPU kernels only
         systems["nar_greedy_int8"] = nar_system(quantized(nar), 1, None)
         systems["ar_greedy_int8"] = ar_system(quantized(ar), 1, forced_length)
+    if args.static_shapes:
+        systems["nar_greedy_static"] = nar_system(nar, 1, None, cache_implementation="static")
+    if args.half:
+        dtype, suffix = HALF[args.half], f"_{args.half}"
+        nar_half, ar_half = copy.deepcopy(nar).to(dtype), copy.deepcopy(ar).to(dtype)
+        systems[f"nar_greedy{suffix}"] = nar_system(nar_half, 1, None)
+        systems[f"nar_beam{suffix}"] = nar_system(nar_half, args.nar_beams, args.beam_token_candidates)
+        if args.static_shapes:
+            systems[f"nar_greedy_static{suffix}"] = nar_system(nar_half, 1, None, cache_implementation="static")
+        systems[f"ar_greedy{suffix}"] = ar_system(ar_half, 1, forced_length)
+        systems[f"ar_beam{suffix}"] = ar_system(ar_half, args.ar_beams, forced_length)
     systems.update(engine_systems(args, device, nar, ar, tokenizers, forced_length, workdir))
     return systems
 
@@ -420,17 +446,21 @@ LABELS = {"nar_greedy": "NAR greedy", "nar_beam": "NAR beam", "ar_greedy": "AR g
           "nar_onnx_greedy": "NAR ORT greedy", "nar_onnx_greedy_int8": "NAR ORT greedy int8",
           "nar_onnx_fused_greedy": "NAR ORT fused greedy", "nar_onnx_fused_greedy_int8": "NAR ORT fused int8",
           "ct2_greedy": "CT2 greedy", "ct2_beam": "CT2 beam", "ct2_greedy_int8": "CT2 greedy int8",
-          "ct2_beam_int8": "CT2 beam int8", "nar_best_greedy": "best NAR greedy"}
+          "ct2_beam_int8": "CT2 beam int8", "nar_best_greedy": "best NAR greedy",
+          "nar_greedy_static": "NAR static greedy",
+          **{f"{name}_{half}": f"{label} {half}" for half in HALF
+             for name, label in (("nar_greedy", "NAR greedy"), ("nar_beam", "NAR beam"), ("ar_greedy", "AR greedy"),
+                                 ("ar_beam", "AR beam"), ("nar_greedy_static", "NAR static greedy"))}}
 
 
 def print_table(bs, n, rows):
     references = [r for r in REFERENCES if r in rows]
     print(f"\nbatch size {bs}, {n} sentences")
-    print(f"  {'system':<21}{'ms/sent':>9}{'sent/s':>9}" + "".join(f"{'x ' + LABELS[r]:>18}" for r in references)
+    print(f"  {'system':<24}{'ms/sent':>9}{'sent/s':>9}" + "".join(f"{'x ' + LABELS[r]:>18}" for r in references)
           + "   repeats (s)")
     for name, row in rows.items():
         times = " ".join(f"{t:.2f}" for t in row["times_s"])
-        print(f"  {LABELS[name]:<21}{row['ms_per_sentence']:>9.2f}{row['sentences_per_s']:>9.1f}"
+        print(f"  {LABELS[name]:<24}{row['ms_per_sentence']:>9.2f}{row['sentences_per_s']:>9.1f}"
               + "".join(f"{row[f'speedup_vs_{r}']:>18.2f}" for r in references) + f"   {times}")
     if "nar_greedy_int8" in rows:
         int8 = rows["nar_greedy_int8"]

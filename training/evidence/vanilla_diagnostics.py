@@ -1,0 +1,252 @@
+"""Why a vanilla NAR (length prediction) trails CTC here, and what its weak partners change: measurements on a
+trained vanilla model (issue 28).
+
+- **Length accuracy**: the length predictor's most probable length against the reference's (in target tokens, `</s>`
+  included, as the model is trained): exact, within 1, within 2, and the mean signed error.
+- **Oracle length**: BLEU when the decoder runs at each reference's own length, beside BLEU at the predicted length;
+  the gap is what wrong lengths cost.
+- **Repetition**: the repeated-token rate of greedy outputs (at the predicted and at the oracle length), and where the
+  repeats sit (quarter of the sentence; reference-length bucket).
+- **The length beam** (k lengths decoded at once, one candidate each): the k most probable lengths (`top_k`, this
+  package's default) or fairseq's window of lengths around the most probable one (`window`: argmax - k//2 ...
+  argmax + (k-1)//2), each ranked by: the average token log-probability (`average`, fairseq's and the default), the
+  joint log-probability of the output (`joint`: the sum of token log-probabilities plus the length's own),
+  the average plus the length's log-probability (`average_plus_length`), a weak AR partner of the last NAR layer
+  reading that layer's states (`partner`, a model trained with partners and saved with them), and an AR model's
+  average log-probability of the candidate given the source (`teacher`, with `--teacher`: noisy parallel decoding,
+  Gu et al. 2018). Each with its BLEU, length ratio and how often it picks a shorter output than greedy.
+
+    python training/evidence/vanilla_diagnostics.py --model runs/study/vanilla_converged/vanilla-seed1/average-... \\
+        --run_dir runs/study/vanilla_converged/vanilla-seed1 --json docs/results/vanilla_diagnostics/vanilla-seed1.json
+
+`--model` is a folder loadable by `WeakNATForConditionalGeneration.from_pretrained` with its tokenizer (a study's
+`average-*` folder keeps the weak AR decoders; an export has none, so no `partner` ranking). `--run_dir` adds the
+repeated-token rate and BLEU of every validation of the run (logged since this tool exists).
+"""
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from sacrebleu.metrics import BLEU
+
+from hf_weaknat import WeakNATForConditionalGeneration
+from hf_weaknat.length_prediction import (
+    LENGTH_BEAM_RANKINGS, LENGTH_BEAMS, length_beam_lengths, length_beam_scores, model_target_inputs, top_lengths,
+)
+from training.evaluation import repetition_rate
+from training.evidence import MULTI30K, recorded_path
+from training.evidence.analyze import read_lines
+
+RANKINGS = (*LENGTH_BEAM_RANKINGS, "partner", "teacher")  # the package's own, and two with another model
+LENGTH_BUCKETS = ((0, 10), (10, 20), (20, None))  # reference tokens (sacreBLEU's 13a words)
+
+
+class VanillaDecoder:
+    """One batch of sources, decoded at any lengths: the encoder runs once, the decoder once per call."""
+
+    def __init__(self, model: WeakNATForConditionalGeneration, input_ids, attention_mask):
+        self.model, self.input_ids = model, input_ids
+        encoder_outputs, self.source_mask = model.model.encode(input_ids, attention_mask)
+        self.encoder_states = encoder_outputs.last_hidden_state
+        self.length_logits = model.model.length_predictor(self.encoder_states, self.source_mask)  # (batch, classes)
+        self.source_lengths = self.source_mask.sum(1)
+
+    def predicted_lengths(self):
+        return top_lengths(self.length_logits, self.source_lengths, self.model.config.max_frames, 1)[0][:, 0]
+
+    def at(self, lengths, layer_states: bool = False) -> dict:
+        """Decode at `lengths` (batch * k,) for sentences repeated k times (row-major): the argmax tokens (rows, len)
+        right-padded with pad, their log-probabilities (rows, len, vocab), the mask, and with `layer_states` the last
+        NAR layer's output (rows, len, d)."""
+        k = len(lengths) // len(self.input_ids)
+        rows = lambda x: x.repeat_interleave(k, 0)  # noqa: E731
+        m = self.model.model
+        inputs, mask = model_target_inputs(m, rows(self.source_mask), lengths, rows(self.input_ids))
+        decoded = m.decoder(inputs, mask, rows(self.encoder_states), rows(self.source_mask),
+                            return_layer_states=layer_states)
+        log_probs = F.log_softmax(self.model.decoding_logits(decoded.last_hidden_state).float(), -1)
+        tokens = log_probs.argmax(-1).masked_fill(~mask, self.model.config.pad_token_id)
+        found = {"tokens": tokens, "log_probs": log_probs, "mask": mask}
+        if layer_states:
+            found["last_layer"] = decoded.layer_states[-1]
+        return found
+
+
+def token_log_probs(log_probs, tokens, mask):
+    """Each row's token log-probabilities summed, and its token count: ((rows,), (rows,))."""
+    picked = log_probs.gather(-1, tokens[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
+    return picked.sum(1), mask.sum(1)
+
+
+def partner_log_probs(model, tokens, mask, last_layer):
+    """The last NAR layer's weak AR partner's average log-probability of each row's tokens, reading that layer's
+    states at the row's length (rows,)."""
+    from hf_weaknat.weak_ar import shift_tokens_right
+
+    labels = tokens.masked_fill(~mask, -100)
+    inputs = shift_tokens_right(labels, model.config.bos_token_id, model.config.pad_token_id)
+    partner = model.weak_ar.decoder_for(model.config.decoder_layers - 1)
+    logits = partner(inputs, mask, last_layer, mask, model.model.shared)
+    picked = F.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
+    return picked.sum(1) / mask.sum(1).clamp(min=1)
+
+
+def teacher_log_probs(teacher, teacher_tokenizer, sources: list[str], texts: list[str]):
+    """An AR model's average log-probability of each text given its source (forced decoding) (rows,)."""
+    batch = teacher_tokenizer(sources, text_target=texts, padding=True, return_tensors="pt")
+    labels = batch["labels"].masked_fill(batch["labels"] == teacher_tokenizer.pad_token_id, -100)
+    logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
+    mask = labels != -100
+    picked = F.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return picked.masked_fill(~mask, 0.0).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def length_accuracy(predicted: list[int], reference: list[int]) -> dict:
+    errors = [p - r for p, r in zip(predicted, reference)]
+    count = max(len(errors), 1)
+    return {"exact": sum(e == 0 for e in errors) / count, "within_1": sum(abs(e) <= 1 for e in errors) / count,
+            "within_2": sum(abs(e) <= 2 for e in errors) / count, "mean_error": sum(errors) / count,
+            "too_short": sum(e < 0 for e in errors) / count, "too_long": sum(e > 0 for e in errors) / count}
+
+
+def repetition_positions(hypotheses: list[str], references: list[str]) -> dict:
+    """Where repeated tokens (a token equal to the one before it) sit: share of all repeats in each quarter of their
+    sentence, the repeated-token rate per reference-length bucket, and the share of sentences with any repeat."""
+    quarters, with_repeat = Counter(), 0
+    by_bucket = {f"{low}-{high or 'inf'}": [] for low, high in LENGTH_BUCKETS}
+    for hypothesis, reference in zip(hypotheses, references):
+        tokens = hypothesis.split()
+        repeats = [i for i in range(1, len(tokens)) if tokens[i] == tokens[i - 1]]
+        with_repeat += bool(repeats)
+        quarters.update(min(4 * i // len(tokens), 3) for i in repeats)
+        words = len(reference.split())
+        for low, high in LENGTH_BUCKETS:
+            if words > low and (high is None or words <= high):
+                by_bucket[f"{low}-{high or 'inf'}"].append(hypothesis)
+    total = sum(quarters.values()) or 1
+    return {"share_of_repeats_by_quarter": [quarters[q] / total for q in range(4)],
+            "sentences_with_a_repeat": with_repeat / max(len(hypotheses), 1),
+            "rate_by_reference_length": {name: repetition_rate(texts) for name, texts in by_bucket.items()}}
+
+
+def bleu(hypotheses, references) -> dict:
+    score = BLEU().corpus_score(hypotheses, [references])
+    return {"bleu": score.score, "length_ratio": score.sys_len / max(score.ref_len, 1)}
+
+
+@torch.no_grad()
+def diagnose(model, tokenizer, sources: list[str], references: list[str], num_beams: int = 5, batch_size: int = 64,
+             teacher=None, teacher_tokenizer=None) -> dict:
+    """Every measurement of this module's docstring on one model and test set."""
+    model.eval()
+    reference_lengths = [len(ids) for ids in tokenizer(text_target=references)["input_ids"]]
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    rankings = [r for r in RANKINGS if (r != "partner" or model.weak_ar is not None) and (r != "teacher" or teacher)]
+    texts = {"greedy": [""] * len(sources), "oracle": [""] * len(sources),
+             **{f"{c}/{r}": [""] * len(sources) for c in LENGTH_BEAMS for r in rankings}}
+    chosen_lengths = {key: [0] * len(sources) for key in texts}
+    predicted = [0] * len(sources)
+    decode = lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True)  # noqa: E731
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = tokenizer([sources[i] for i in chunk], padding=True, truncation=True,
+                          max_length=model.config.max_position_embeddings, return_tensors="pt")
+        decoder = VanillaDecoder(model, batch["input_ids"], batch["attention_mask"])
+        lengths = decoder.predicted_lengths()
+        oracle = torch.tensor([min(reference_lengths[i], model.config.max_frames) for i in chunk])
+        for key, at in (("greedy", lengths), ("oracle", oracle)):
+            found = decoder.at(at)
+            for i, text, length in zip(chunk, decode(found["tokens"]), at.tolist()):
+                texts[key][i], chosen_lengths[key][i] = text.strip(), length
+        for i, length in zip(chunk, lengths.tolist()):
+            predicted[i] = length
+        for how in LENGTH_BEAMS:
+            candidates, length_scores = length_beam_lengths(decoder.length_logits, decoder.source_lengths,
+                                                            model.config.max_frames, num_beams, how)
+            found = decoder.at(candidates.flatten(), layer_states="partner" in rankings)
+            sums, counts = token_log_probs(found["log_probs"], found["tokens"], found["mask"])
+            candidate_texts = [t.strip() for t in decode(found["tokens"])]
+            scores = {name: length_beam_scores(sums, counts, length_scores.flatten(), name)
+                      for name in LENGTH_BEAM_RANKINGS}
+            if "partner" in rankings:
+                scores["partner"] = partner_log_probs(model, found["tokens"], found["mask"], found["last_layer"])
+            if "teacher" in rankings:
+                repeated_sources = [sources[i] for i in chunk for _ in range(num_beams)]
+                scores["teacher"] = teacher_log_probs(teacher, teacher_tokenizer, repeated_sources, candidate_texts)
+            for ranking in rankings:
+                best = scores[ranking].view(len(chunk), num_beams).masked_fill(
+                    ~torch.isfinite(length_scores), float("-inf")).argmax(1)
+                for row, (i, b) in enumerate(zip(chunk, best.tolist())):
+                    texts[f"{how}/{ranking}"][i] = candidate_texts[row * num_beams + b]
+                    chosen_lengths[f"{how}/{ranking}"][i] = int(candidates[row, b])
+    greedy_lengths = chosen_lengths["greedy"]
+    systems = {}
+    for key, hypotheses in texts.items():
+        systems[key] = {**bleu(hypotheses, references), "repetition_rate": repetition_rate(hypotheses),
+                        "shorter_than_greedy": sum(c < g for c, g in zip(chosen_lengths[key], greedy_lengths)),
+                        "longer_than_greedy": sum(c > g for c, g in zip(chosen_lengths[key], greedy_lengths))}
+    return {"sentences": len(sources), "num_beams": num_beams, "length_accuracy": length_accuracy(predicted,
+                                                                                                 reference_lengths),
+            "systems": systems,
+            "repetition": {key: repetition_positions(texts[key], references) for key in ("greedy", "oracle")},
+            "translations": {key: texts[key] for key in ("greedy", "oracle")}}
+
+
+def validation_curve(run_dir: Path) -> list[dict]:
+    """BLEU and the repeated-token rate of each validation the run logged (runs trained before validation logged
+    the rate have BLEU only)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in ("step", "bleu", "repetition_rate") if k in r}
+            for r in records if r["split"] == "validation"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a vanilla WeakNAT folder with its tokenizer")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: --model's)")
+    p.add_argument("--run_dir", help="the run it comes from: adds the validation curve of repetition and BLEU")
+    p.add_argument("--teacher", help="an AR seq2seq model folder (with its tokenizer) to rank length-beam candidates")
+    p.add_argument("--source", default=str(MULTI30K / "test.de"))
+    p.add_argument("--reference", default=str(MULTI30K / "test.en"))
+    p.add_argument("--sentences", type=int, default=None, help="only the first N test sentences")
+    p.add_argument("--num_beams", type=int, default=5, help="lengths in the length beam")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--json", help="write every number here")
+    args = p.parse_args(argv)
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = WeakNATForConditionalGeneration.from_pretrained(args.model)
+    if model.config.nar_type != "vanilla":
+        raise SystemExit(f"{args.model} is a {model.config.nar_type} model; this tool diagnoses vanilla NAR models")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    teacher = teacher_tokenizer = None
+    if args.teacher:
+        teacher = AutoModelForSeq2SeqLM.from_pretrained(args.teacher).eval()
+        teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+    sources, references = read_lines(args.source, args.sentences), read_lines(args.reference, args.sentences)
+    result = {"model": recorded_path(args.model), "teacher": args.teacher and recorded_path(args.teacher),
+              "test_references": recorded_path(args.reference),
+              **diagnose(model, tokenizer, sources, references, args.num_beams, args.batch_size, teacher,
+                         teacher_tokenizer)}
+    if args.run_dir:
+        result["validation"] = validation_curve(Path(args.run_dir))
+    accuracy = result["length_accuracy"]
+    print(f"length accuracy: exact {100 * accuracy['exact']:.1f}%, within 1 {100 * accuracy['within_1']:.1f}%, "
+          f"within 2 {100 * accuracy['within_2']:.1f}%, mean error {accuracy['mean_error']:+.2f} tokens")
+    for key, system in result["systems"].items():
+        print(f"{key:32s} BLEU {system['bleu']:6.2f}  length ratio {system['length_ratio']:.3f}  repeated tokens "
+              f"{100 * system['repetition_rate']:5.2f}%  shorter/longer than greedy {system['shorter_than_greedy']}/"
+              f"{system['longer_than_greedy']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    return result
+
+
+if __name__ == "__main__":
+    main()
