@@ -46,6 +46,7 @@ def test_a_grid_runs_each_variant_once_and_reports_means_and_paired_p_values(gri
             assert len(result["test"][decoding]["translations"]) == 40
             assert result["test"][decoding]["bleu_signature"].startswith("nrefs:1|")
         assert [r["step"] for r in result["validation"]] == [2, 4]
+        assert all(0.0 <= r["repetition_rate"] <= 1.0 for r in result["validation"])  # repetition over training
         assert result["machine"]["processor"] not in ("", "x86_64")  # the CPU model: wall times depend on it
         # the partner-dependence diagnostic is logged at every validation, only where there are partners
         assert all(("partner_gap" in r) == (variant == "weak_ar") for r in result["validation"])

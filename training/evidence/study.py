@@ -126,9 +126,10 @@ def score_run(grid: dict, run_dir: Path) -> dict:
 
 
 def curves(run_dir: Path) -> dict:
-    """The run's validation records (BLEU, loss, partner dependence) and its training loss every logged step."""
+    """The run's validation records (BLEU, loss, repeated-token rate, partner dependence) and its training loss every
+    logged step."""
     records = read_records(run_dir / "metrics.jsonl")
-    keep = ("step", "bleu", "chrf", "loss", "partner_loss_own", "partner_loss_other", "partner_gap",
+    keep = ("step", "bleu", "chrf", "loss", "repetition_rate", "partner_loss_own", "partner_loss_other", "partner_gap",
             "partner_gap_by_layer")
     validation = [{k: r[k] for k in keep if k in r} for r in records if r["split"] == "validation"]
     train = [{k: r.get(k) for k in ("step", "loss", "ctc_loss", "ar_loss")} for r in records if r["split"] == "train"]
