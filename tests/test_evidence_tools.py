@@ -269,4 +269,6 @@ def test_gpu_evidence_runs_every_stage_on_the_cpu_with_tiny_sizes(tmp_path):
     pair = json.loads((tmp_path / "bf16_pair.json").read_text())["variants"]
     assert set(pair) == {"fp32", "bf16"} and "p_values_greedy" in pair["bf16"]
     assert (tmp_path / "study/bf16_pair/bf16-seed1.json").is_file()
+    profile = json.loads((tmp_path / "profile_batch1.json").read_text())
+    assert profile["aten_operators_per_call"] > 0 and profile["stages_ms"]["encoder"] > 0
     assert "| 1 | nar_greedy_bf16 |" in (tmp_path / "summary.md").read_text()

@@ -97,7 +97,10 @@ def parse_args(argv=None):
     p.add_argument("--half", choices=("bf16", "fp16"), help="also time both models in this dtype (weights and "
                    "activations; the decoding math stays fp32): NAR greedy and beam, AR greedy and beam")
     p.add_argument("--static_shapes", action="store_true",
-                   help="also time the NAR's static-shape compiled pass (cache_implementation='static'), greedy")
+                   help="also time the NAR's static-shape compiled pass (cache_implementation='static'), greedy; "
+                        "every batch of it is run once before timing, so that each bucket is compiled untimed")
+    p.add_argument("--extra_batch_sizes", help="time the --half and --static_shapes systems at these batch sizes "
+                   "only (default: all)")
     p.add_argument("--onnx", action="store_true", help="also time the NAR in ONNX Runtime (CPU; pip install .[onnx])")
     p.add_argument("--onnx_fused", action="store_true",
                    help="with --onnx: also time the graph exported with ONNX Runtime's attention fusions (fuse=True)")
@@ -119,6 +122,8 @@ def parse_args(argv=None):
         p.set_defaults(batch_sizes="1,4", sentences="1:8,4:16", warmup=1, repeats=2, vocab_size=500)
         args = p.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.extra_batch_sizes = ([int(b) for b in args.extra_batch_sizes.split(",")] if args.extra_batch_sizes
+                              else args.batch_sizes)
     counts = dict(tuple(int(x) for x in item.split(":")) for item in args.sentences.split(","))
     args.sentences = {bs: counts.get(bs, max(counts.values())) for bs in args.batch_sizes}
     return args
@@ -294,6 +299,11 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def is_extra(name: str) -> bool:
+    """A --half or --static_shapes system."""
+    return "static" in name or name.endswith(tuple(f"_{half}" for half in HALF))
+
+
 def time_systems(systems: dict, batches: dict, warmup: int, repeats: int, device: str) -> dict[str, dict]:
     """Warm-up, then `repeats` interleaved passes in rotating order.
 
@@ -301,8 +311,8 @@ def time_systems(systems: dict, batches: dict, warmup: int, repeats: int, device
     machine shared with other jobs, CPU time well below wall time x threads shows the run was starved.
     """
     names = list(systems)
-    for name in names:
-        for batch in batches[name][:warmup]:
+    for name in names:  # a static-shape system compiles once per bucket: all of them before timing
+        for batch in batches[name][:len(batches[name]) if "static" in name else warmup]:
             systems[name](batch)
     totals = {name: {"wall": [], "cpu": []} for name in names}
     for repeat in range(repeats):
@@ -419,10 +429,12 @@ def time_and_score(args, device, systems, nar, ar, tokenizers, forced_length) ->
         src, ref = test_sentences(args, bs, tokenizers["nar"])
         n = len(src)
         per_tokenizer = {key: make_batches(tok, src, ref, bs, device, limits[key]) for key, tok in tokenizers.items()}
-        batches = {name: per_tokenizer[tokenizer_key(name)] for name in systems}
+        timed = {name: system for name, system in systems.items()
+                 if bs in args.extra_batch_sizes or not is_extra(name)}
+        batches = {name: per_tokenizer[tokenizer_key(name)] for name in timed}
         started = time.perf_counter()
         with torch.inference_mode():
-            totals = time_systems(systems, batches, args.warmup, args.repeats, device)
+            totals = time_systems(timed, batches, args.warmup, args.repeats, device)
         rows = summarize(totals, n)
         by_batch_size[bs] = {"sentences": n, "batches": len(batches["ar_greedy"]), "systems": rows,
                              "ar_forced_steps": sum(b["steps"] for b in batches["ar_greedy"]) if forced_length else None,

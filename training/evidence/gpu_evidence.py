@@ -6,19 +6,21 @@
 Stages, each written to `--output` as soon as it ends (a stage that fails or runs out of its time leaves the others
 and says so in `summary.json`):
 
-1. `speed.*`: `benchmark_speed.py` on the device at the paper's base size (random weights): NAR greedy and beam 5 in
-   fp32 and bf16 and the static-shape greedy pass (fp32, bf16), transformers AR greedy and beam 5 (fp32, bf16), at
-   batch 1, 8, 64 and 256; every ratio from medians of the same run.
-2. `training_speed.json`: updates per second of `training/train.py`, fp32 against `mixed_precision: bf16`, for the
+1. `speed.*`: `benchmark_speed.py` on the device at the paper's base size (random weights): NAR greedy and beam 5,
+   transformers AR greedy and beam 5, in fp32 at batch 1, 8, 64 and 256; in bf16 and the static-shape greedy pass
+   (fp32, bf16) at batch 1 and 64, the goals' batch sizes; every ratio from medians of the same run.
+2. `profile_batch1.*`: `profile_generate.py` at the base size, batch 1: the time of each stage of one `generate`
+   call and the operators it dispatches.
+3. `training_speed.json`: updates per second of `training/train.py`, fp32 against `mixed_precision: bf16`, for the
    study recipe (`training/configs/multi30k_distilled.yaml`, CTC + weak AR) and the same recipe at the paper's base
    size, a short run each, one after the other (no validation or saving inside the timed updates).
-3. `study/bf16_pair/`: the study's `bf16_pair` grid (`study_multi30k.yaml`): the study recipe trained to the study
+4. `study/bf16_pair/`: the study's `bf16_pair` grid (`study_multi30k.yaml`): the study recipe trained to the study
    budget in fp32 and in bf16 side by side on the one device, each averaged and scored on test2016 as every study
    run is (one seed: a difference under ~1 BLEU is noise).
-4. `summary.md` / `summary.json`: the tables, the machine, the commands.
+5. `summary.md` / `summary.json`: the tables, the machine, the commands.
 
-On the lent machine: the set-up of the project's GPU notes (docs/speed.md links them), then this command with
-`--output $OUT/gpu`.
+On a machine lent for minutes: the set-up in docs/speed.md ("On a GPU"), then this command with its output where the
+machine hands files back.
 """
 
 import argparse
@@ -52,7 +54,7 @@ def speed_command(args, device: str) -> list[str]:
     if args.quick:
         return command + ["--quick", "--threads", "1", "--sentences", "1:4,4:8", "--repeats", "1"]
     return command + ["--batch_sizes", "1,8,64,256", "--sentences", "1:32,8:64,64:512,256:1024", "--warmup", "1",
-                      "--repeats", "3"]
+                      "--repeats", "3", "--extra_batch_sizes", "1,64"]  # bf16 and static: the goals' batch sizes
 
 
 def run_logged(command: list[str], log: Path, timeout: float) -> dict:
@@ -154,6 +156,12 @@ def markdown(summary: dict) -> str:
                         lines.append(f"| {bs} | {name} | {row['ms_per_sentence']:.2f} | "
                                      f"{speedup(row, 'ar_greedy' + suffix)} | {speedup(row, 'ar_beam' + suffix)} |")
             lines.append("")
+    profile = Path(summary.get("speed_file", "")).with_name("profile_batch1.json")
+    if profile.is_file():
+        found = json.loads(profile.read_text())
+        lines += [f"## One call at batch 1 ({found['model']}, {found['device']}): {found['ms_per_call']:.2f} ms, "
+                  f"{found['aten_operators_per_call']} operators", "", "| stage | ms |", "|---|---|"]
+        lines += [f"| {name.strip()} | {ms:.3f} |" for name, ms in found["stages_ms"].items()] + [""]
     speeds = summary.get("training_speed")
     if speeds:
         lines += ["## Training, updates per second", "", "| size | fp32 | bf16 | bf16 / fp32 |", "|---|---|---|---|"]
@@ -175,7 +183,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="tiny sizes on the CPU: a smoke test in about a minute")
-    p.add_argument("--stages", default="speed,training_speed,bf16_pair")
+    p.add_argument("--stages", default="speed,profile,training_speed,bf16_pair")
     p.add_argument("--stage_timeout", type=float, default=300, help="seconds a stage's command may run")
     args = p.parse_args(argv)
     device = "cpu" if args.quick else "cuda"
@@ -192,6 +200,14 @@ def main(argv=None):
         summary["speed_file"] = str(args.output / "speed.json")
         if outcome["returncode"] != 0:
             summary["problems"]["speed"] = f"exit {outcome['returncode']} after {outcome['seconds']} s (speed.txt)"
+    if "profile" in stages:  # where batch 1's time goes, per stage, and the operators one call dispatches
+        outcome = run_logged([sys.executable, "training/evidence/profile_generate.py", "--model",
+                              "tiny" if args.quick else "base", "--device", device, "--calls", "5" if args.quick
+                              else "30", "--json", str(args.output / "profile_batch1.json")],
+                             args.output / "profile_batch1.txt", args.stage_timeout)
+        summary["profile"] = outcome
+        if outcome["returncode"] != 0:
+            summary["problems"]["profile"] = f"exit {outcome['returncode']} (profile_batch1.txt)"
     if "training_speed" in stages:
         summary["training_speed"] = training_speed(args, device)
     if "bf16_pair" in stages:
