@@ -92,8 +92,13 @@ def one_line(text: str) -> str:
 # ------------------------------------------------------------------------------------------------------- engines
 
 
-def load_model(model_name: str, engine: str, device: str, onnx_file: str | None, num_threads: int | None):
-    """The tokenizer and the model that `generate`s: the PyTorch model on `device`, or ONNX Runtime's int8 graph."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(model_name: str, engine: str, device: str, onnx_file: str | None, num_threads: int | None,
+               dtype: str | None = None):
+    """The tokenizer and the model that `generate`s: the PyTorch model on `device` (in `dtype`, default the saved
+    one), or ONNX Runtime's int8 graph."""
     try:
         if os.path.isdir(model_name):  # a damaged file is named, whichever loads it first
             check_saved_files(model_name)
@@ -101,7 +106,10 @@ def load_model(model_name: str, engine: str, device: str, onnx_file: str | None,
         if engine == "torch":
             if num_threads:
                 torch.set_num_threads(num_threads)
-            return tokenizer, AutoModelForSeq2SeqLM.from_pretrained(model_name).to(device).eval()
+            loaded = AutoModelForSeq2SeqLM.from_pretrained(model_name, **({"dtype": DTYPES[dtype]} if dtype else {}))
+            return tokenizer, loaded.to(device).eval()
+        if dtype:
+            raise TranslateError(f"--dtype {dtype} is for --engine torch; the ONNX graph has its own precision")
         if device != "cpu":
             raise TranslateError(f"--engine onnx runs on ONNX Runtime's CPU provider; got --device {device}")
         graph = Path(onnx_file) if onnx_file else cached_int8_graph(model_name)
@@ -229,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--onnx_file", help="--engine onnx: this .onnx graph (written by export_onnx, beside its "
                                             "config) instead of the cached int8 one")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="--engine torch: the network's precision (default: "
+                        "the saved config's, float32 for exports); decoding reads float32 logits either way")
     parser.add_argument("--batch_size", type=int, default=64, help="sentences per forward pass (default 64)")
     parser.add_argument("--num_threads", type=int, help="CPU threads (default: the engine's own choice)")
     parser.add_argument("--invalid", choices=("error", "replace", "empty"), default="error",
@@ -269,7 +279,7 @@ def run(args) -> None:
               f"{'translated with U+FFFD' if args.invalid == 'replace' else 'written as an empty line'}",
               file=sys.stderr)
     with atomic_output(args.output) as stream:  # an unwritable path fails here, before the model is loaded
-        tokenizer, model = load_model(args.model, args.engine, device, args.onnx_file, args.num_threads)
+        tokenizer, model = load_model(args.model, args.engine, device, args.onnx_file, args.num_threads, args.dtype)
         try:  # bad generation arguments fail on an empty batch, before any sentence is translated
             empty = torch.zeros((0, 1), dtype=torch.long, device=model.device)
             model.generate(input_ids=empty, attention_mask=empty, **generate_kwargs)

@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 from transformers import pipeline
 
-from hf_weaknat.translate import main, one_line, split_lines
+from hf_weaknat.translate import load_model, main, one_line, split_lines
 
 SENTENCES = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch am Strand.",
              "Kinder spielen.", "Ein Mädchen in einem Karateanzug bricht ein Brett mit einem Tritt."]
@@ -142,6 +143,16 @@ def test_generation_arguments_reach_generate(tmp_path, export):
     status, output = translate(tmp_path, export, "\n".join(SENTENCES[:2]).encode(), "--num_beams", "4",
                                "--generate", "max_length=5")
     assert status == 0 and output.decode().split("\n")[:-1] == [b["translation_text"].strip() for b in beam]
+
+
+def test_dtype_loads_the_network_in_half_precision_for_the_torch_engine(tmp_path, export, capsys):
+    translator = pipeline("weaknat-translation", model=str(export), dtype=torch.bfloat16)
+    expected = [t["translation_text"].strip() for t in translator(SENTENCES[:3])]
+    status, output = translate(tmp_path, export, "\n".join(SENTENCES[:3]).encode(), "--dtype", "bfloat16")
+    assert status == 0 and output.decode().split("\n")[:-1] == expected
+    assert load_model(str(export), "torch", "cpu", None, None, "bfloat16")[1].dtype == torch.bfloat16
+    status, _ = translate(tmp_path, export, b"x\n", "--dtype", "bfloat16", "--engine", "onnx", "--onnx_file", "m.onnx")
+    assert status != 0 and "--dtype bfloat16 is for --engine torch" in capsys.readouterr().err
 
 
 def test_stdin_to_stdout_as_a_module_with_a_closing_line(export, one_by_one):
