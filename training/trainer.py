@@ -145,9 +145,9 @@ class Trainer:
             # from the epoch's position: a resumed run skips what the epoch already trained on, under any number
             # of processes (batching.Deal)
             epoch_pass = self.batches.epoch(state.epoch, state.batches_in_epoch)
-            trained_in_epoch = state.batches_in_epoch
+            trained_in_epoch = state.batches_in_epoch > 0
             for group in optimizer_steps(epoch_pass, args.gradient_accumulation_steps):
-                trained_in_epoch += len(group)
+                trained_in_epoch = True
                 totals = train_step(self.accelerator, self.model, self.optimizer, self.scheduler,
                                     [examples for examples, _ in group], state.step, args.max_grad_norm,
                                     self.tokenizer.pad_token_id)
@@ -163,7 +163,7 @@ class Trainer:
                 if state.step >= args.max_steps or self.plateaued() or self.stopped_by is not None:
                     break
             else:
-                if trained_in_epoch == 0:  # a stream whose every pair was filtered out: stop, do not spin
+                if not trained_in_epoch:  # a stream whose every pair was filtered out: stop, do not spin
                     raise DataError(f"A whole pass over the training data gave no usable batch "
                                     f"({dict(self.filtered)}, {epoch_pass.left_out} left out as fewer than the "
                                     f"{self.accelerator.num_processes} processes): check the data and the model's "
