@@ -100,6 +100,24 @@ def test_plateau_is_where_the_best_bleu_stops_gaining_until_the_end_of_the_run()
     assert study.flat_at(None) == "not flat" and study.flat_at(600) == "600"  # as the table prints them
 
 
+def test_a_run_stops_itself_once_flat_and_is_scored_where_it_stopped(grid_file, tmp_path):
+    # a learning rate of 0: validation BLEU never moves, so the curve is flat from its first validation (step 2);
+    # the rule holds from step 4 on, but the run waits for `stop_when_flat_after`
+    spec = yaml.safe_load(grid_file.read_text())
+    spec["grids"]["tiny"]["flags"].update(learning_rate=0, max_steps=12, stop_when_flat=0.3, stop_when_flat_after=6)
+    grid_file.write_text(yaml.safe_dump(spec))
+    summary = study.main([str(grid_file), "--grid", "tiny", "--variants", "ctc"])
+    run_records = [json.loads(line) for line in (tmp_path / "runs/tiny/ctc-seed1/metrics.jsonl").open()]
+    stop = [r for r in run_records if r["split"] == "stopped"]
+    assert stop == [{"split": "stopped", "step": 6, "reason": "validation BLEU flat", "flat_since": 2, "gain": 0.3}]
+    assert max(r["step"] for r in run_records) == 6
+    result = json.loads((tmp_path / "results/tiny/ctc-seed1.json").read_text())
+    assert result["budget"] == 6 and result["test"]["averaged_steps"] == [4, 6]  # its own end, not max_steps
+    assert summary["variants"]["ctc"]["updates"] == [6]
+    assert "up to 12 updates per run, each stopping once its validation BLEU is flat" in \
+        (tmp_path / "results/tiny/README.md").read_text()
+
+
 def test_a_stopped_study_stops_its_training_run_too(tmp_path):
     # a training child left running after its study is killed would keep writing into the run directory
     pid_file = tmp_path / "child.pid"

@@ -138,6 +138,11 @@ class TrainingArguments:
     keep_best: int = field(default=1, metadata={"help": "Best checkpoints (validation BLEU) kept as well."})
     early_stopping_patience: int = field(default=0, metadata={
         "help": "Stop after this many validations in a row without a new best BLEU; 0 = train to max_steps."})
+    stop_when_flat: float = field(default=0.0, metadata={
+        "help": "Stop once validation BLEU has flattened: its best gained less than this many BLEU points over at "
+                "least the run's last quarter (the study's plateau rule, training/convergence.py); 0 = off."})
+    stop_when_flat_after: int = field(default=0, metadata={
+        "help": "Apply --stop_when_flat only from this many updates on, past the pauses of an early rise."})
     max_consecutive_nonfinite_steps: int = field(default=5, metadata={
         "help": "Stop the run (with an error) after this many optimizer steps in a row whose loss or gradients are "
                 "not finite; each such step is skipped, warned about and counted."})
@@ -155,6 +160,8 @@ class TrainingArguments:
         check_fields(self)
         if self.early_stopping_patience and not self.eval_steps:
             raise ValueError("early_stopping_patience needs validations: set eval_steps to a positive integer")
+        if self.stop_when_flat and not self.eval_steps:
+            raise ValueError("stop_when_flat needs validations: set eval_steps to a positive integer")
 
 
 # What each data and training value must be, checked in one place (`check_fields`) when the dataclass is made, so a
@@ -165,8 +172,10 @@ RULES = {
                      "max_consecutive_nonfinite_steps", "vocab_size", "max_train_samples", "max_eval_samples"],
                     ("a positive integer", lambda v: v >= 1)),
     **dict.fromkeys(["warmup_steps", "logging_steps", "eval_steps", "save_steps", "keep_best",
-                     "early_stopping_patience"], ("a non-negative integer (0 = off)", lambda v: v >= 0)),
-    **dict.fromkeys(["learning_rate", "weight_decay", "max_grad_norm"], ("a number >= 0", lambda v: v >= 0)),
+                     "early_stopping_patience", "stop_when_flat_after"],
+                   ("a non-negative integer (0 = off)", lambda v: v >= 0)),
+    **dict.fromkeys(["learning_rate", "weight_decay", "max_grad_norm", "stop_when_flat"],
+                    ("a number >= 0", lambda v: v >= 0)),
     **dict.fromkeys(["adam_beta1", "adam_beta2"], ("a number in [0, 1)", lambda v: 0 <= v < 1)),
     "seed": ("an integer in [0, 2**32)", lambda v: 0 <= v < 2**32),
     "mixed_precision": ("one of no, bf16, fp16", lambda v: v in ("no", "bf16", "fp16")),

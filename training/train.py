@@ -217,7 +217,8 @@ def run_description(model: ModelSection, data_args, train_args, config) -> dict:
 BOOKKEEPING_FIELDS = {
     "data": {"validation_split", "test_split", "max_eval_samples"},
     "training": {"output_dir", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                 "keep_best", "early_stopping_patience", "max_consecutive_nonfinite_steps", "resume_from_checkpoint",
+                 "keep_best", "early_stopping_patience", "stop_when_flat", "stop_when_flat_after",
+                 "max_consecutive_nonfinite_steps", "resume_from_checkpoint",
                  "report_to", "push_to_hub", "compare_with", "allow_recipe_change"},
     "model_config": {"transformers_version", "architectures", "_name_or_path", "dtype"},
 }

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from training.batching import TrainingBatches, collate, optimizer_steps
 from training.checkpoints import save_checkpoint
+from training.convergence import plateau_step
 from training.data import DataError
 from training.evaluation import evaluate_split
 from training.preemption import StopRequests, TrainingStopped
@@ -116,7 +117,7 @@ class Trainer:
         self.stopped_by = None  # the signal that stopped the run
 
     def run(self):
-        """Train to `max_steps` (or the early-stopping plateau), then validate and save. A SIGTERM or SIGINT stops
+        """Train to `max_steps` (or early stopping: `early_stopping_patience`, `stop_when_flat`), then validate and save. A SIGTERM or SIGINT stops
         the run after the current update with a saved checkpoint: TrainingStopped (preemption.py)."""
         with StopRequests() as stop:
             self.train_until_done(stop)
@@ -160,7 +161,8 @@ class Trainer:
                 self.bar.update(1)
                 self.after_step(totals)
                 self.stopped_by = stop.agreed(self.accelerator)
-                if state.step >= args.max_steps or self.plateaued() or self.stopped_by is not None:
+                if (state.step >= args.max_steps or self.plateaued() or self.flattened()
+                        or self.stopped_by is not None):
                     break
             else:
                 if not trained_in_epoch:  # a stream whose every pair was filtered out: stop, do not spin
@@ -195,6 +197,25 @@ class Trainer:
             self.accelerator.print(f"\nValidation BLEU has not improved for {stale} validations: stopping at step "
                                    f"{self.state.step}")
         return stale >= patience
+
+    def flattened(self) -> bool:
+        """Validation BLEU has flattened by the study's plateau rule (convergence.py) with `stop_when_flat` as the
+        gain, at a validation from `stop_when_flat_after` updates on. Recorded as a "stopped" record naming the
+        step where the curve flattened, so a study scores the run where it ended."""
+        args, state = self.args, self.state
+        if (not args.stop_when_flat or state.step < args.stop_when_flat_after
+                or str(state.step) not in state.validation_bleu):  # judged right after a validation only
+            return False
+        curve = sorted((int(step), bleu) for step, bleu in state.validation_bleu.items())
+        flat_since = plateau_step(curve, args.stop_when_flat)
+        if flat_since is None:
+            return False
+        self.record({"split": "stopped", "step": state.step, "reason": "validation BLEU flat",
+                     "flat_since": flat_since, "gain": args.stop_when_flat})
+        self.accelerator.print(f"\nValidation BLEU gained less than {args.stop_when_flat} since step {flat_since} "
+                               f"(best {max(b for _, b in curve):.2f}): flat over the last quarter, stopping at "
+                               f"step {state.step}")
+        return True
 
     def skip(self, totals: dict):
         """Count, record and warn about an update that was not applied; stop the run after too many in a row."""

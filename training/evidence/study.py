@@ -8,8 +8,9 @@ recipe, the grid's `flags`, the variant's flags and `--seed`, then the average o
 checkpoints up to the grid's `budget` (as the paper averages checkpoints), scored on the test split with greedy and
 beam search: sacreBLEU, chrF and the repeated-token rate. The budget defaults to the run's `max_steps`; a run may train
 past it (the inverse square root schedule does not depend on the run's length, so the first `budget` updates of a
-longer run are a run of `budget` updates). Each finished run leaves ONE result file, `<results_dir>/<grid>/<variant>-seed<N>.json`
-(scores, translations, the validation curve with the partner-dependence diagnostic, wall time, machine); a run whose
+longer run are a run of `budget` updates); with the `stop_when_flat` flag a run stops itself once its validation BLEU
+is flat by the plateau rule (training/convergence.py), and counts the updates it trained. Each finished run leaves ONE
+result file, `<results_dir>/<grid>/<variant>-seed<N>.json` (scores, translations, the validation curve with the partner-dependence diagnostic, wall time, machine); a run whose
 result file exists is skipped, so a grid can be finished over several machines: commit the result files, not the
 checkpoints. `--score_only` scores runs whose directories are here without training (e.g. after the budget changed).
 The same command runs on a GPU (train.py takes the device from accelerate).
@@ -34,13 +35,12 @@ import yaml
 
 from training.average_checkpoints import average_checkpoints
 from training.checkpoints import complete_checkpoints
+from training.convergence import PLATEAU_GAIN
+from training.convergence import plateau_step as convergence_step
 from training.evidence import cpu_model, recorded_path
 from training.evidence.analyze import analyze, read_lines, translate
 from training.records import read_records
 from training.run_lock import own_run_folder
-
-PLATEAU_GAIN = 0.3  # BLEU: a curve has flattened where its best score gains less than this until the end of the run
-
 
 def load_grid(grid_file: Path, name: str) -> dict:
     """The grid `name` of a grid file, with the file's shared settings (recipe, directories, scoring) filled in."""
@@ -93,9 +93,22 @@ def budget(grid: dict) -> int | None:
     return grid.get("budget") or grid["flags"].get("max_steps")
 
 
-def scored_checkpoints(grid: dict, run_dir: Path) -> list[Path]:
-    """The run's last `average_last` complete checkpoints at or before the grid's budget."""
+def run_budget(grid: dict, run_dir: Path) -> int | None:
+    """The updates this run counts: the grid's budget, or where the run stopped itself on a flat validation curve
+    (the `stop_when_flat` flag) if that came first and the run did not go on after it."""
     limit = budget(grid)
+    metrics = run_dir / "metrics.jsonl"
+    records = read_records(metrics) if metrics.is_file() else []
+    stops = [i for i, r in enumerate(records) if r["split"] == "stopped" and r.get("reason") == "validation BLEU flat"]
+    if stops and not any(r["split"] == "train" for r in records[stops[-1] + 1:]):
+        stopped_at = records[stops[-1]]["step"]
+        return stopped_at if limit is None else min(limit, stopped_at)
+    return limit
+
+
+def scored_checkpoints(grid: dict, run_dir: Path) -> list[Path]:
+    """The run's last `average_last` complete checkpoints at or before its budget (`run_budget`)."""
+    limit = run_budget(grid, run_dir)
     found = [c for c in complete_checkpoints(run_dir / "checkpoints")
              if limit is None or int(c.name.split("-")[-1]) <= limit]
     if not found or (limit is not None and int(found[-1].name.split("-")[-1]) != limit):
@@ -146,7 +159,7 @@ def run_one(grid: dict, variant: str, seed: int, train: bool = True) -> Path:
     wall_time = wall_time_to_budget(grid, run_dir)
     trained = json.loads((run_dir / "run_args.json").read_text())["training"]["max_steps"]
     result = {"grid": grid["name"], "variant": variant, "seed": seed, "recipe": grid["recipe"],
-              "flags": {**grid["flags"], **(grid["variants"][variant] or {})}, "budget": budget(grid),
+              "flags": {**grid["flags"], **(grid["variants"][variant] or {})}, "budget": run_budget(grid, run_dir),
               "trained_max_steps": trained,
               "train_wall_time_s": round(wall_time), "machine": machine(),
               **curves(run_dir), "test": score_run(grid, run_dir)}
@@ -185,19 +198,8 @@ def wall_time_to_budget(grid: dict, run_dir: Path) -> float:
 
 
 def plateau_step(validation: list[dict], gain: float = PLATEAU_GAIN) -> int | None:
-    """Where validation BLEU flattened: the first validation step s from which the best BLEU rose by less than
-    `gain` up to the run's last validation, if that flat stretch covers at least the run's last quarter (s <= 0.75 x
-    the last step); None while the run is still climbing. Judged afterwards over the whole run, so a pause in an
-    early rise does not count as a plateau."""
-    steps, best, so_far = [], [], float("-inf")
-    for record in validation:
-        so_far = max(so_far, record["bleu"])
-        steps.append(record["step"])
-        best.append(so_far)
-    for step, best_then in zip(steps, best):
-        if best[-1] - best_then < gain:
-            return step if step <= 0.75 * steps[-1] else None
-    return None
+    """Where a run's validation BLEU flattened (convergence.py's rule); None while it is still climbing."""
+    return convergence_step([(record["step"], record["bleu"]) for record in validation], gain)
 
 
 def validation_at_budget(result: dict) -> list[dict]:
@@ -244,6 +246,7 @@ def summarize(grid: dict, results: dict) -> dict:
     summary = {"grid": grid["name"], "baseline": grid["baseline"], "variants": {}}
     for variant, runs in results.items():
         row = {"seeds": sorted(runs), "plateau_step": {s: plateau_step(r["validation"]) for s, r in runs.items()},
+               "updates": [r["budget"] for r in runs.values()],
                "train_wall_time_min": [round(r["train_wall_time_s"] / 60) for r in runs.values()]}
         for decoding in ("greedy", beam):
             for metric in ("bleu", "chrf", "repetition_rate"):
@@ -276,17 +279,20 @@ def flat_at(step: int | None) -> str:
 
 def markdown(grid: dict, summary: dict) -> str:
     beam = f"beam{grid['num_beams']}"
-    lines = [f"# Study `{grid['name']}`", "", f"Recipe `{grid['recipe']}` with flags `{grid['flags']}`, {budget(grid)} updates per run; test split "
+    length = (f"up to {budget(grid)} updates per run, each stopping once its validation BLEU is flat (`stop_when_flat`)"
+              if grid["flags"].get("stop_when_flat") else f"{budget(grid)} updates per run")
+    lines = [f"# Study `{grid['name']}`", "", f"Recipe `{grid['recipe']}` with flags `{grid['flags']}`, {length}; test split "
              f"scored with the average of each run's last {grid['average_last']} checkpoints. Mean ± std over seeds (the mean alone for one seed); "
              f"p: sacreBLEU paired bootstrap (1000 resamples) of greedy BLEU against `{grid['baseline']}`, same seed.",
              "", f"| variant | seeds | greedy BLEU | {beam} BLEU | greedy chrF | repeated tokens (greedy) | Δ greedy BLEU "
-             f"| p per seed | validation flat at step | train min |", "|" + "---|" * 10]
+             f"| p per seed | validation flat at step | updates | train min |", "|" + "---|" * 11]
     for variant, row in summary["variants"].items():
         difference = f"{row['greedy_bleu_difference']:+.2f}" if "greedy_bleu_difference" in row else "—"
         p_values = ", ".join(f"{p:.3f}" for p in row.get("p_values_greedy", {}).values()) or "—"
         lines.append(f"| {variant} | {len(row['seeds'])} | {pm(row['greedy_bleu'])} | {pm(row[f'{beam}_bleu'])} | "
                      f"{pm(row['greedy_chrf'])} | {pm(row['greedy_repetition_rate'], 100)}% | {difference} | "
                      f"{p_values} | {', '.join(flat_at(s) for s in row['plateau_step'].values())} | "
+                     f"{', '.join(str(n) for n in row.get('updates', []))} | "
                      f"{', '.join(str(m) for m in row['train_wall_time_min'])} |")
     return "\n".join(lines) + "\n"
 
