@@ -63,7 +63,8 @@ def test_a_grid_runs_each_variant_once_and_reports_means_and_paired_p_values(gri
     # one seed has no spread: the mean alone, never a "± 0.00" that reads like a measured standard deviation
     assert row["greedy_bleu"][1] is None
     assert all("±" not in line for line in table.splitlines() if line.startswith("| weak_ar"))
-    assert (results / "learning_curves.png").is_file() and (results / "partner_dependence.png").is_file()
+    for figure in ("learning_curves.png", "repetition_curves.png", "partner_dependence.png"):
+        assert (results / figure).is_file()
 
     # a second call finds every result file and trains nothing
     monkeypatch.setattr(study, "train_in_child", lambda *a, **k: pytest.fail("a finished run was trained again"))

@@ -17,8 +17,8 @@ The same command runs on a GPU (train.py takes the device from accelerate).
 
 The report (`--report`, also written after every run) reads the result files only: mean ± std over seeds per variant,
 each variant's difference to the grid's `baseline` with sacreBLEU's paired bootstrap p-value for every seed pair,
-where each run's validation BLEU flattened, and two plots (validation BLEU of every run; the partners' dependence on
-the NAR states).
+where each run's validation BLEU flattened, and three plots (validation BLEU and repeated-token rate of every run;
+the partners' dependence on the NAR states).
 """
 
 import argparse
@@ -384,8 +384,11 @@ def report(grid: dict) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     table = markdown(grid, summary)
     (out / "README.md").write_text(table)
-    plot(results, "bleu", "validation BLEU", out / "learning_curves.png", budget(grid))
-    plot_partner_dependence(results, grid["baseline"], out / "partner_dependence.png", budget(grid))
+    common_budget = None if grid["flags"].get("stop_when_flat") else budget(grid)  # else each line ends at its own
+    plot(results, "bleu", "validation BLEU", out / "learning_curves.png", common_budget)
+    plot(results, "repetition_rate", "repeated tokens, validation (greedy)", out / "repetition_curves.png",
+         common_budget)
+    plot_partner_dependence(results, grid["baseline"], out / "partner_dependence.png", common_budget)
     print(table)
     return summary
 
