@@ -433,10 +433,15 @@ def test_diagnostics_of_a_model_that_learned_its_pairs_find_exact_lengths_and_ra
     from training.evidence.vanilla_diagnostics import RANKINGS, diagnose
 
     model, sources, targets = memorized_vanilla
-    found = diagnose(model, tokenizer, sources, targets, num_beams=3)
+    # a distillation teacher whose translation of the first source is one token shorter than the reference
+    teacher_translations = [" ".join(targets[0].split()[:-1]), *targets[1:]]
+    found = diagnose(model, tokenizer, sources, targets, num_beams=3, teacher_translations=teacher_translations)
     assert found["length_accuracy"]["exact"] == 1.0 and found["length_accuracy"]["mean_error"] == 0
+    assert found["length_accuracy_vs_teacher"]["too_long"] == pytest.approx(1 / len(sources))
     assert found["translations"]["greedy"] == targets == found["translations"]["oracle"]
-    assert set(found["systems"]) == {"greedy", "oracle"} | {f"{c}/{r}" for c in ("top_k", "window")
+    assert found["translations"]["teacher_length"][1:] == targets[1:]  # decoded at the teacher's lengths
+    assert found["translations"]["teacher_length"][0] != targets[0]
+    assert set(found["systems"]) == {"greedy", "oracle", "teacher_length"} | {f"{c}/{r}" for c in ("top_k", "window")
                                                              for r in RANKINGS if r != "teacher"}
     assert found["systems"]["greedy"]["bleu"] == pytest.approx(100.0)
     # the partner trained on these pairs reading the NAR states at the right length prefers the right candidate

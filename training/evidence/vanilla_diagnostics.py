@@ -4,7 +4,9 @@ trained vanilla model (issue 28).
 - **Length accuracy**: the length predictor's most probable length against the reference's (in target tokens, `</s>`
   included, as the model is trained): exact, within 1, within 2, and the mean signed error.
 - **Oracle length**: BLEU when the decoder runs at each reference's own length, beside BLEU at the predicted length;
-  the gap is what wrong lengths cost.
+  the gap is what wrong lengths cost. A model trained on distilled targets learns the teacher's lengths, not the
+  references': with `--teacher_translations` (default: the distillation teacher's beam-5 test translations, committed)
+  it is also decoded at the teacher's length (`teacher_length`), and its length accuracy is measured against both.
 - **Repetition**: the repeated-token rate of greedy outputs (at the predicted and at the oracle length), and where the
   repeats sit (quarter of the sentence; reference-length bucket).
 - **The length beam** (k lengths decoded at once, one candidate each): the k most probable lengths (`top_k`, this
@@ -41,6 +43,7 @@ from training.evaluation import repetition_rate
 from training.evidence import MULTI30K, recorded_path
 from training.evidence.analyze import read_lines
 
+TEACHER_TRANSLATIONS = Path(__file__).resolve().parents[2] / "docs/results/study/teacher_test_beam5.json"
 RANKINGS = (*LENGTH_BEAM_RANKINGS, "partner", "teacher")  # the package's own, and two with another model
 LENGTH_BUCKETS = ((0, 10), (10, 20), (20, None))  # reference tokens (sacreBLEU's 13a words)
 
@@ -140,13 +143,16 @@ def bleu(hypotheses, references) -> dict:
 
 @torch.no_grad()
 def diagnose(model, tokenizer, sources: list[str], references: list[str], num_beams: int = 5, batch_size: int = 64,
-             teacher=None, teacher_tokenizer=None) -> dict:
+             teacher=None, teacher_tokenizer=None, teacher_translations: list[str] | None = None) -> dict:
     """Every measurement of this module's docstring on one model and test set."""
     model.eval()
-    reference_lengths = [len(ids) for ids in tokenizer(text_target=references)["input_ids"]]
+    target_length = lambda texts: [len(ids) for ids in tokenizer(text_target=texts)["input_ids"]]  # noqa: E731
+    oracles = {"oracle": target_length(references)}  # decoded at these lengths, each a system
+    if teacher_translations is not None:
+        oracles["teacher_length"] = target_length(teacher_translations)
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     rankings = [r for r in RANKINGS if (r != "partner" or model.weak_ar is not None) and (r != "teacher" or teacher)]
-    texts = {"greedy": [""] * len(sources), "oracle": [""] * len(sources),
+    texts = {"greedy": [""] * len(sources), **{name: [""] * len(sources) for name in oracles},
              **{f"{c}/{r}": [""] * len(sources) for c in LENGTH_BEAMS for r in rankings}}
     chosen_lengths = {key: [0] * len(sources) for key in texts}
     predicted = [0] * len(sources)
@@ -157,8 +163,9 @@ def diagnose(model, tokenizer, sources: list[str], references: list[str], num_be
                           max_length=model.config.max_position_embeddings, return_tensors="pt")
         decoder = VanillaDecoder(model, batch["input_ids"], batch["attention_mask"])
         lengths = decoder.predicted_lengths()
-        oracle = torch.tensor([min(reference_lengths[i], model.config.max_frames) for i in chunk])
-        for key, at in (("greedy", lengths), ("oracle", oracle)):
+        fixed = {name: torch.tensor([min(known[i], model.config.max_frames) for i in chunk])
+                 for name, known in oracles.items()}
+        for key, at in (("greedy", lengths), *fixed.items()):
             found = decoder.at(at)
             for i, text, length in zip(chunk, decode(found["tokens"]), at.tolist()):
                 texts[key][i], chosen_lengths[key][i] = text.strip(), length
@@ -189,11 +196,14 @@ def diagnose(model, tokenizer, sources: list[str], references: list[str], num_be
         systems[key] = {**bleu(hypotheses, references), "repetition_rate": repetition_rate(hypotheses),
                         "shorter_than_greedy": sum(c < g for c, g in zip(chosen_lengths[key], greedy_lengths)),
                         "longer_than_greedy": sum(c > g for c, g in zip(chosen_lengths[key], greedy_lengths))}
-    return {"sentences": len(sources), "num_beams": num_beams, "length_accuracy": length_accuracy(predicted,
-                                                                                                 reference_lengths),
+    decoded_once = ("greedy", *oracles)
+    return {"sentences": len(sources), "num_beams": num_beams,
+            "length_accuracy": length_accuracy(predicted, oracles["oracle"]),
+            **({"length_accuracy_vs_teacher": length_accuracy(predicted, oracles["teacher_length"])}
+               if "teacher_length" in oracles else {}),
             "systems": systems,
-            "repetition": {key: repetition_positions(texts[key], references) for key in ("greedy", "oracle")},
-            "translations": {key: texts[key] for key in ("greedy", "oracle")}}
+            "repetition": {key: repetition_positions(texts[key], references) for key in decoded_once},
+            "translations": {key: texts[key] for key in decoded_once}}
 
 
 def validation_curve(run_dir: Path) -> list[dict]:
@@ -211,6 +221,9 @@ def main(argv=None):
     p.add_argument("--tokenizer", help="tokenizer folder (default: --model's)")
     p.add_argument("--run_dir", help="the run it comes from: adds the validation curve of repetition and BLEU")
     p.add_argument("--teacher", help="an AR seq2seq model folder (with its tokenizer) to rank length-beam candidates")
+    p.add_argument("--teacher_translations", default=str(TEACHER_TRANSLATIONS),
+                   help="the distillation teacher's translations of --source (a JSON with `translations`, or one per "
+                        "line): decode at their lengths too; '' for none")
     p.add_argument("--source", default=str(MULTI30K / "test.de"))
     p.add_argument("--reference", default=str(MULTI30K / "test.en"))
     p.add_argument("--sentences", type=int, default=None, help="only the first N test sentences")
@@ -229,15 +242,26 @@ def main(argv=None):
         teacher = AutoModelForSeq2SeqLM.from_pretrained(args.teacher).eval()
         teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher)
     sources, references = read_lines(args.source, args.sentences), read_lines(args.reference, args.sentences)
+    teacher_translations = None
+    if args.teacher_translations:
+        path = Path(args.teacher_translations)
+        teacher_translations = (json.loads(path.read_text())["translations"][:len(sources)] if path.suffix == ".json"
+                                else read_lines(path, args.sentences))
+        if len(teacher_translations) != len(sources):
+            raise SystemExit(f"{path} has {len(teacher_translations)} translations for {len(sources)} sources")
     result = {"model": recorded_path(args.model), "teacher": args.teacher and recorded_path(args.teacher),
               "test_references": recorded_path(args.reference),
+              "teacher_translations": teacher_translations and recorded_path(args.teacher_translations),
               **diagnose(model, tokenizer, sources, references, args.num_beams, args.batch_size, teacher,
-                         teacher_tokenizer)}
+                         teacher_tokenizer, teacher_translations)}
     if args.run_dir:
         result["validation"] = validation_curve(Path(args.run_dir))
-    accuracy = result["length_accuracy"]
-    print(f"length accuracy: exact {100 * accuracy['exact']:.1f}%, within 1 {100 * accuracy['within_1']:.1f}%, "
-          f"within 2 {100 * accuracy['within_2']:.1f}%, mean error {accuracy['mean_error']:+.2f} tokens")
+    for name, against in (("length_accuracy", "reference"), ("length_accuracy_vs_teacher", "teacher")):
+        if name in result:
+            accuracy = result[name]
+            print(f"length accuracy against the {against}: exact {100 * accuracy['exact']:.1f}%, within 1 "
+                  f"{100 * accuracy['within_1']:.1f}%, within 2 {100 * accuracy['within_2']:.1f}%, mean error "
+                  f"{accuracy['mean_error']:+.2f} tokens")
     for key, system in result["systems"].items():
         print(f"{key:32s} BLEU {system['bleu']:6.2f}  length ratio {system['length_ratio']:.3f}  repeated tokens "
               f"{100 * system['repetition_rate']:5.2f}%  shorter/longer than greedy {system['shorter_than_greedy']}/"
