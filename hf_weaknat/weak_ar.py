@@ -4,7 +4,9 @@ Huang, EMNLP 2022, Section 3).
 
 Reading order: the teacher-forcing inputs, one weak AR decoder, which NAR layers get a partner this step (layer
 sampling), what each partner reads (its memory), the set of decoders (parameter sharing) and their loss, and how
-that loss joins the NAR loss. Training only: `export.py` writes a checkpoint without any of it.
+that loss joins the NAR loss. Training only, but for one use at inference: a vanilla model loaded with its partners
+can rank its length beam by its last layer's partner (`sequence_log_probs`). `export.py` writes a checkpoint without
+any of it.
 
 Nothing here knows how the NAR model makes its states: a memory is any `(states, mask)` pair of any length (the
 upsampled frames of a CTC decoder, or the target-length states of a NAR decoder with length prediction). This file
@@ -117,6 +119,20 @@ class WeakARDecoders(nn.Module):
             sums.append(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                         label_smoothing=label_smoothing, reduction="sum"))
         return torch.stack(sums), target_mask.sum()
+
+    def sequence_log_probs(self, tokens, target_mask, memory: Memory, embed_tokens):
+        """The average log-probability that `memory.partner`'s decoder, reading `memory`, gives each row's tokens
+        (rows, len) under `target_mask` (rows, len) -> (rows,); 0 for an empty row.
+
+        Teacher forcing: one pass over every row, no loop over positions. At inference this ranks a vanilla model's
+        length-beam candidates by its last layer's partner, each reading its own candidate's NAR states: noisy
+        parallel decoding (Gu et al. 2018) with the AR scorer the model trained with, not a second model.
+        """
+        labels = tokens.masked_fill(~target_mask, -100)
+        inputs = shift_tokens_right(labels, self.config.bos_token_id, self.config.pad_token_id)
+        logits = self.decoder_for(memory.partner)(inputs, target_mask, memory.states, memory.mask, embed_tokens)
+        picked = F.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
+        return picked.masked_fill(~target_mask, 0.0).sum(1) / target_mask.sum(1).clamp(min=1)
 
     def dependence(self, labels, layer_states, layer_mask, embed_tokens) -> dict:
         """How much each partner relies on what its NAR layer says about *this* sentence (a diagnostic).

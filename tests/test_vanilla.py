@@ -264,6 +264,39 @@ def test_length_beam_rankings_score_what_they_say(untrained, ranking):
         torch.testing.assert_close(score, expected)
 
 
+def test_length_beam_ranked_by_the_partner_scores_each_candidate_by_its_partners_average_log_probability(untrained):
+    from hf_weaknat.weak_ar import Memory
+
+    batch = batch_of(SOURCES[:1])
+    out = untrained.generate(**batch, num_beams=4, num_return_sequences=4, return_dict_in_generate=True,
+                             output_scores=True, length_beam_ranking="partner")
+    assert (out.sequences_scores[:-1] >= out.sequences_scores[1:]).all()
+    encoder = untrained.model.encode(batch["input_ids"])[0].last_hidden_state
+    for sequence, score in zip(out.sequences, out.sequences_scores):
+        tokens = sequence[sequence != 0][None]
+        inputs = model_target_inputs(untrained.model, batch["attention_mask"], torch.tensor([tokens.shape[1]]),
+                                     batch["input_ids"])
+        states = untrained.model.decoder(*inputs, encoder, batch["attention_mask"],
+                                         return_layer_states=True).layer_states[-1]
+        # the training code's cross-entropy of the last layer's partner on this candidate (no label smoothing)
+        last = Memory(untrained.config.decoder_layers - 1, states, inputs[1])
+        summed, count = untrained.weak_ar.token_losses(tokens, [last], untrained.model.shared)
+        torch.testing.assert_close(score, -summed[0] / count)
+
+
+def test_the_partner_ranking_picks_what_a_model_that_learned_its_pairs_says_and_needs_partners(memorized_vanilla,
+                                                                                               tokenizer):
+    model, sources, targets = memorized_vanilla
+    encoded = tokenizer(sources, padding=True, return_tensors="pt")
+    ranked = model.generate(**encoded, num_beams=3, length_beam_ranking="partner")
+    assert tokenizer.batch_decode(ranked, skip_special_tokens=True) == targets
+    without = WeakNATForConditionalGeneration(WeakNATConfig(**{**model.config.to_dict(), "weak_ar_layers": 0})).eval()
+    with pytest.raises(ValueError, match="this model has none: an export drops them"):
+        without.generate(**encoded, num_beams=3, length_beam_ranking="partner")
+    with pytest.raises(ValueError, match="length_beam_ranking must be one of"):
+        model.generate(**encoded, num_beams=3, length_beam_ranking="shortest")
+
+
 def test_target_lengths_decode_each_sentence_at_the_given_length(untrained):
     batch = batch_of(SOURCES)
     ids = untrained.generate(**batch, target_lengths=torch.tensor([3, 9, 1]))

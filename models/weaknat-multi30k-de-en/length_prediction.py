@@ -16,6 +16,7 @@ from transformers.modeling_outputs import Seq2SeqModelOutput
 
 from .generation import finish_generation, has_content, process_scores, warp_for_sampling
 from .layers import float32_linear
+from .weak_ar import Memory
 
 # ----------------------------------------------------------------------------------------------------------------
 # Length prediction
@@ -177,14 +178,26 @@ def argmax_decode(log_probs_or_logits, target_mask, pad_token_id: int):
     return log_probs_or_logits.argmax(-1).masked_fill(~target_mask, pad_token_id)
 
 
-LENGTH_BEAM_RANKINGS = ("average", "joint", "average_plus_length")
+LENGTH_BEAM_RANKINGS = ("average", "joint", "average_plus_length", "partner")
+
+
+def check_length_beam_ranking(ranking: str, model) -> str:
+    """`ranking`, if it is one of LENGTH_BEAM_RANKINGS that `model` can use ("partner" needs its weak AR decoders)."""
+    if ranking not in LENGTH_BEAM_RANKINGS:
+        raise ValueError(f"length_beam_ranking must be one of {LENGTH_BEAM_RANKINGS}, got {ranking!r}")
+    if ranking == "partner" and getattr(model, "weak_ar", None) is None:
+        raise ValueError("length_beam_ranking='partner' ranks candidates with the model's weak AR partner, and this "
+                         "model has none: an export drops them. Load a training checkpoint or a study's average "
+                         "(`<run>/checkpoints/step-N/model`, `<run>/average-*`) of a run trained with partners")
+    return ranking
 
 
 def length_beam_scores(token_log_probs, token_counts, length_scores, ranking: str = "average"):
-    """A length-beam candidate's score under `ranking` (`rank_length_beam`), from its summed token log-probabilities,
-    its token count and its length's log-probability, each (rows,)."""
-    if ranking not in LENGTH_BEAM_RANKINGS:
-        raise ValueError(f"length_beam_ranking must be one of {LENGTH_BEAM_RANKINGS}, got {ranking!r}")
+    """A length-beam candidate's score under `ranking` (`rank_length_beam`; any but "partner", which needs the
+    partner), from its summed token log-probabilities, its token count and its length's log-probability, each
+    (rows,)."""
+    if ranking not in LENGTH_BEAM_RANKINGS[:3]:
+        raise ValueError(f"length_beam_scores ranks by one of {LENGTH_BEAM_RANKINGS[:3]}, got {ranking!r}")
     average = token_log_probs / token_counts.clamp(min=1)  # an empty row: 0, the log-probability of nothing
     if ranking == "joint":
         return token_log_probs + length_scores
@@ -192,18 +205,23 @@ def length_beam_scores(token_log_probs, token_counts, length_scores, ranking: st
 
 
 def rank_length_beam(tokens, log_probs, target_mask, batch: int, k: int, valid_rows=None, ranking: str = "average",
-                     length_scores=None):
+                     length_scores=None, partner_scores=None):
     """The length beam's ranking, best first per sentence, by `ranking`:
 
     - `"average"`: each candidate's average token log-probability (fairseq's `--iter-decode-with-beam`);
     - `"joint"`: its log-probability as a whole, the sum of its tokens' plus its length's (`length_scores`);
-    - `"average_plus_length"`: the average token log-probability plus the length's log-probability.
+    - `"average_plus_length"`: the average token log-probability plus the length's log-probability;
+    - `"partner"`: `partner_scores(tokens, target_mask) -> (batch * k,)`, the weak AR partner's average
+      log-probability of each candidate (`WeakARDecoders.sequence_log_probs`).
 
     tokens (batch * k, len); log_probs (batch * k, len, vocab); target_mask (batch * k, len); valid_rows (batch * k)
     bool or None: rows that score -inf when false; length_scores (batch * k) the lengths' log-probabilities.
     Returns (hypotheses (batch, k, len), scores (batch, k))."""
-    picked = log_probs.gather(-1, tokens[..., None]).squeeze(-1).masked_fill(~target_mask, 0.0)
-    scores = length_beam_scores(picked.sum(1), target_mask.sum(1), length_scores, ranking)
+    if ranking == "partner":
+        scores = partner_scores(tokens, target_mask)
+    else:
+        picked = log_probs.gather(-1, tokens[..., None]).squeeze(-1).masked_fill(~target_mask, 0.0)
+        scores = length_beam_scores(picked.sum(1), target_mask.sum(1), length_scores, ranking)
     if valid_rows is not None:
         scores = scores.masked_fill(~valid_rows, float("-inf"))
     scores = scores.view(batch, k)
@@ -230,6 +248,8 @@ def vanilla_generate(model, request, encoder_outputs, source_mask, drop_repeats=
     sentence-major), or at given `target_lengths` (batch,), then `vanilla_decode`, and transformers' output
     (`generation.finish_generation`)."""
     encoder_states, k = encoder_outputs.last_hidden_state, request.num_beams
+    ranking = check_length_beam_ranking(getattr(request.config, "length_beam_ranking", None) or "average", model)
+    by_partner = ranking == "partner" and request.mode == "beam"
     length_logits = model.model.length_predictor(encoder_states, source_mask)
     if target_lengths is not None:  # given lengths (e.g. the references': oracle length), one per sentence
         lengths, length_scores = checked_target_lengths(target_lengths, request, model.config.max_frames), None
@@ -240,17 +260,21 @@ def vanilla_generate(model, request, encoder_outputs, source_mask, drop_repeats=
     inputs, mask = model_target_inputs(model.model, rows(source_mask), lengths.flatten(), rows(request.input_ids),
                                        rows(request.inputs_embeds), rows(encoder_states))
     decoded = model.model.decoder(inputs, mask, rows(encoder_states), rows(source_mask), request.output_attentions,
-                                  request.output_hidden_states)
+                                  request.output_hidden_states, return_layer_states=by_partner)
     logits = model.decoding_logits(decoded.last_hidden_state)  # (batch * k, len, vocab) float32
     if drop_repeats is None:
         drop_repeats = getattr(request.config, "drop_repeats", None)
     drop = model.config.drop_repeats if drop_repeats is None else drop_repeats
     content = rows(has_content(request.input_ids, source_mask, model.config))  # `</s>` alone translates to nothing
     valid = None if length_scores is None else torch.isfinite(length_scores).flatten()
+    partner_scores = None
+    if by_partner:  # the last NAR layer's partner reads that layer's states at each candidate's own length
+        last = Memory(model.config.decoder_layers - 1, decoded.layer_states[-1], mask)
+        partner_scores = lambda tokens, target_mask: model.weak_ar.sequence_log_probs(  # noqa: E731
+            tokens, target_mask, last, model.model.shared)
     hypotheses, scores, position_scores = vanilla_decode(
         request, logits, mask & content[:, None], drop, valid,
-        None if length_scores is None else length_scores.flatten(),
-        getattr(request.config, "length_beam_ranking", None) or "average")
+        None if length_scores is None else length_scores.flatten(), ranking, partner_scores)
     outputs = Seq2SeqModelOutput(decoder_hidden_states=decoded.hidden_states, decoder_attentions=decoded.attentions,
                                  cross_attentions=decoded.cross_attentions)
     return finish_generation(request, hypotheses, scores, scores=position_scores, logits=logits,
@@ -270,7 +294,7 @@ def checked_target_lengths(target_lengths, request, max_length: int):
 
 
 def vanilla_decode(request, logits, target_mask, drop_repeats: bool = False, valid_rows=None, length_scores=None,
-                   ranking: str = "average"):
+                   ranking: str = "average", partner_scores=None):
     """Tokens from the per-position logits (batch * k, len, vocab) as `request` asks: greedy (argmax), sampling (each
     position drawn from its warped distribution, `num_return_sequences` draws) or the length beam (argmax at each of
     the k lengths, ranked by `rank_length_beam`'s `ranking` with the lengths' `length_scores` (batch * k); rows not in
@@ -288,7 +312,7 @@ def vanilla_decode(request, logits, target_mask, drop_repeats: bool = False, val
         scores = F.log_softmax(scores.float(), -1)
         hypotheses, hypothesis_scores = rank_length_beam(argmax_decode(scores, target_mask, pad), scores, target_mask,
                                                          batch, logits.shape[0] // batch, valid_rows, ranking,
-                                                         length_scores)
+                                                         length_scores, partner_scores)
     else:
         hypotheses = argmax_decode(scores, target_mask, pad).view(batch, 1, -1)
     hypotheses = hypotheses[..., : int(target_mask.sum(1).max())]

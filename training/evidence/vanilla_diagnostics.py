@@ -39,12 +39,13 @@ from hf_weaknat import WeakNATForConditionalGeneration
 from hf_weaknat.length_prediction import (
     LENGTH_BEAM_RANKINGS, LENGTH_BEAMS, length_beam_lengths, length_beam_scores, model_target_inputs, top_lengths,
 )
+from hf_weaknat.weak_ar import Memory
 from training.evaluation import repetition_rate
 from training.evidence import MULTI30K, recorded_path
 from training.evidence.analyze import read_lines
 
 TEACHER_TRANSLATIONS = Path(__file__).resolve().parents[2] / "docs/results/study/teacher_test_beam5.json"
-RANKINGS = (*LENGTH_BEAM_RANKINGS, "partner", "teacher")  # the package's own, and two with another model
+RANKINGS = (*LENGTH_BEAM_RANKINGS, "teacher")  # the package's own (the partner's too), and an AR model's
 LENGTH_BUCKETS = ((0, 10), (10, 20), (20, None))  # reference tokens (sacreBLEU's 13a words)
 
 
@@ -83,19 +84,6 @@ def token_log_probs(log_probs, tokens, mask):
     """Each row's token log-probabilities summed, and its token count: ((rows,), (rows,))."""
     picked = log_probs.gather(-1, tokens[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
     return picked.sum(1), mask.sum(1)
-
-
-def partner_log_probs(model, tokens, mask, last_layer):
-    """The last NAR layer's weak AR partner's average log-probability of each row's tokens, reading that layer's
-    states at the row's length (rows,)."""
-    from hf_weaknat.weak_ar import shift_tokens_right
-
-    labels = tokens.masked_fill(~mask, -100)
-    inputs = shift_tokens_right(labels, model.config.bos_token_id, model.config.pad_token_id)
-    partner = model.weak_ar.decoder_for(model.config.decoder_layers - 1)
-    logits = partner(inputs, mask, last_layer, mask, model.model.shared)
-    picked = F.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
-    return picked.sum(1) / mask.sum(1).clamp(min=1)
 
 
 def teacher_log_probs(teacher, teacher_tokenizer, sources: list[str], texts: list[str]):
@@ -178,9 +166,11 @@ def diagnose(model, tokenizer, sources: list[str], references: list[str], num_be
             sums, counts = token_log_probs(found["log_probs"], found["tokens"], found["mask"])
             candidate_texts = [t.strip() for t in decode(found["tokens"])]
             scores = {name: length_beam_scores(sums, counts, length_scores.flatten(), name)
-                      for name in LENGTH_BEAM_RANKINGS}
-            if "partner" in rankings:
-                scores["partner"] = partner_log_probs(model, found["tokens"], found["mask"], found["last_layer"])
+                      for name in LENGTH_BEAM_RANKINGS if name != "partner"}
+            if "partner" in rankings:  # as generate(length_beam_ranking="partner") ranks
+                last = Memory(model.config.decoder_layers - 1, found["last_layer"], found["mask"])
+                scores["partner"] = model.weak_ar.sequence_log_probs(found["tokens"], found["mask"], last,
+                                                                     model.model.shared)
             if "teacher" in rankings:
                 repeated_sources = [sources[i] for i in chunk for _ in range(num_beams)]
                 scores["teacher"] = teacher_log_probs(teacher, teacher_tokenizer, repeated_sources, candidate_texts)
