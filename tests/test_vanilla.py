@@ -477,5 +477,7 @@ def test_diagnostics_of_a_model_that_learned_its_pairs_find_exact_lengths_and_ra
     assert set(found["systems"]) == {"greedy", "oracle", "teacher_length"} | {f"{c}/{r}" for c in ("top_k", "window")
                                                              for r in RANKINGS if r != "teacher"}
     assert found["systems"]["greedy"]["bleu"] == pytest.approx(100.0)
+    assert found["systems"]["oracle"]["p_vs_greedy"] == 1.0  # the same translations: no difference to test
+    assert set(found["translations"]) == set(found["systems"])
     # the partner trained on these pairs reading the NAR states at the right length prefers the right candidate
     assert found["systems"]["top_k/partner"]["bleu"] == pytest.approx(100.0)

@@ -16,7 +16,8 @@ trained vanilla model (issue 28).
   the average plus the length's log-probability (`average_plus_length`), a weak AR partner of the last NAR layer
   reading that layer's states (`partner`, a model trained with partners and saved with them), and an AR model's
   average log-probability of the candidate given the source (`teacher`, with `--teacher`: noisy parallel decoding,
-  Gu et al. 2018). Each with its BLEU, length ratio and how often it picks a shorter output than greedy.
+  Gu et al. 2018). Each with its BLEU, length ratio, how often it picks a shorter output than greedy, and
+  sacreBLEU's paired bootstrap p against greedy; every system's translations are kept.
 
     python training/evidence/vanilla_diagnostics.py --model runs/study/vanilla_converged/vanilla-seed1/average-... \\
         --run_dir runs/study/vanilla_converged/vanilla-seed1 --json docs/results/vanilla_diagnostics/vanilla-seed1.json
@@ -43,6 +44,7 @@ from hf_weaknat.weak_ar import Memory
 from training.evaluation import repetition_rate
 from training.evidence import MULTI30K, recorded_path
 from training.evidence.analyze import read_lines
+from training.evidence.study import paired_bootstrap
 
 TEACHER_TRANSLATIONS = Path(__file__).resolve().parents[2] / "docs/results/study/teacher_test_beam5.json"
 RANKINGS = (*LENGTH_BEAM_RANKINGS, "teacher")  # the package's own (the partner's too), and an AR model's
@@ -186,6 +188,8 @@ def diagnose(model, tokenizer, sources: list[str], references: list[str], num_be
         systems[key] = {**bleu(hypotheses, references), "repetition_rate": repetition_rate(hypotheses),
                         "shorter_than_greedy": sum(c < g for c, g in zip(chosen_lengths[key], greedy_lengths)),
                         "longer_than_greedy": sum(c > g for c, g in zip(chosen_lengths[key], greedy_lengths))}
+        if key != "greedy":  # sacreBLEU's paired bootstrap against greedy decoding of the same model
+            systems[key]["p_vs_greedy"] = paired_bootstrap(references, texts["greedy"], hypotheses)
     decoded_once = ("greedy", *oracles)
     return {"sentences": len(sources), "num_beams": num_beams,
             "length_accuracy": length_accuracy(predicted, oracles["oracle"]),
@@ -193,7 +197,7 @@ def diagnose(model, tokenizer, sources: list[str], references: list[str], num_be
                if "teacher_length" in oracles else {}),
             "systems": systems,
             "repetition": {key: repetition_positions(texts[key], references) for key in decoded_once},
-            "translations": {key: texts[key] for key in decoded_once}}
+            "translations": texts}
 
 
 def validation_curve(run_dir: Path) -> list[dict]:
@@ -255,7 +259,7 @@ def main(argv=None):
     for key, system in result["systems"].items():
         print(f"{key:32s} BLEU {system['bleu']:6.2f}  length ratio {system['length_ratio']:.3f}  repeated tokens "
               f"{100 * system['repetition_rate']:5.2f}%  shorter/longer than greedy {system['shorter_than_greedy']}/"
-              f"{system['longer_than_greedy']}")
+              f"{system['longer_than_greedy']}" + (f"  p vs greedy {system['p_vs_greedy']:.3f}" if key != "greedy" else ""))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1, ensure_ascii=False))
