@@ -178,7 +178,8 @@ def argmax_decode(log_probs_or_logits, target_mask, pad_token_id: int):
     return log_probs_or_logits.argmax(-1).masked_fill(~target_mask, pad_token_id)
 
 
-LENGTH_BEAM_RANKINGS = ("average", "joint", "average_plus_length", "partner")
+SCORE_RANKINGS = ("average", "joint", "average_plus_length")  # from the NAR's own token and length scores
+LENGTH_BEAM_RANKINGS = (*SCORE_RANKINGS, "partner")
 
 
 def check_length_beam_ranking(ranking: str, model) -> str:
@@ -196,8 +197,8 @@ def length_beam_scores(token_log_probs, token_counts, length_scores, ranking: st
     """A length-beam candidate's score under `ranking` (`rank_length_beam`; any but "partner", which needs the
     partner), from its summed token log-probabilities, its token count and its length's log-probability, each
     (rows,)."""
-    if ranking not in LENGTH_BEAM_RANKINGS[:3]:
-        raise ValueError(f"length_beam_scores ranks by one of {LENGTH_BEAM_RANKINGS[:3]}, got {ranking!r}")
+    if ranking not in SCORE_RANKINGS:
+        raise ValueError(f"length_beam_scores ranks by one of {SCORE_RANKINGS}, got {ranking!r}")
     average = token_log_probs / token_counts.clamp(min=1)  # an empty row: 0, the log-probability of nothing
     if ranking == "joint":
         return token_log_probs + length_scores

@@ -10,9 +10,10 @@ beam search: sacreBLEU, chrF and the repeated-token rate. The budget defaults to
 past it (the inverse square root schedule does not depend on the run's length, so the first `budget` updates of a
 longer run are a run of `budget` updates); with the `stop_when_flat` flag a run stops itself once its validation BLEU
 is flat by the plateau rule (training/convergence.py), and counts the updates it trained. Each finished run leaves ONE
-result file, `<results_dir>/<grid>/<variant>-seed<N>.json` (scores, translations, the validation curve with the partner-dependence diagnostic, wall time, machine); a run whose
-result file exists is skipped, so a grid can be finished over several machines: commit the result files, not the
-checkpoints. `--score_only` scores runs whose directories are here without training (e.g. after the budget changed).
+result file, `<results_dir>/<grid>/<variant>-seed<N>.json` (scores, translations, the validation curve with the
+partner-dependence diagnostic, wall time, machine); a run whose result file exists is skipped, so a grid can be
+finished over several machines: commit the result files, not the checkpoints. `--score_only` scores runs whose
+directories are here without training (e.g. after the budget changed).
 The same command runs on a GPU (train.py takes the device from accelerate).
 
 The report (`--report`, also written after every run) reads the result files only: mean ± std over seeds per variant,
@@ -41,6 +42,7 @@ from training.evidence import cpu_model, recorded_path
 from training.evidence.analyze import analyze, read_lines, translate
 from training.records import read_records
 from training.run_lock import own_run_folder
+
 
 def load_grid(grid_file: Path, name: str) -> dict:
     """The grid `name` of a grid file, with the file's shared settings (recipe, directories, scoring) filled in."""

@@ -38,7 +38,8 @@ from sacrebleu.metrics import BLEU
 
 from hf_weaknat import WeakNATForConditionalGeneration
 from hf_weaknat.length_prediction import (
-    LENGTH_BEAM_RANKINGS, LENGTH_BEAMS, length_beam_lengths, length_beam_scores, model_target_inputs, top_lengths,
+    LENGTH_BEAM_RANKINGS, LENGTH_BEAMS, SCORE_RANKINGS, length_beam_lengths, length_beam_scores, model_target_inputs,
+    top_lengths,
 )
 from hf_weaknat.weak_ar import Memory
 from training.evaluation import repetition_rate
@@ -168,7 +169,7 @@ def diagnose(model, tokenizer, sources: list[str], references: list[str], num_be
             sums, counts = token_log_probs(found["log_probs"], found["tokens"], found["mask"])
             candidate_texts = [t.strip() for t in decode(found["tokens"])]
             scores = {name: length_beam_scores(sums, counts, length_scores.flatten(), name)
-                      for name in LENGTH_BEAM_RANKINGS if name != "partner"}
+                      for name in SCORE_RANKINGS}
             if "partner" in rankings:  # as generate(length_beam_ranking="partner") ranks
                 last = Memory(model.config.decoder_layers - 1, found["last_layer"], found["mask"])
                 scores["partner"] = model.weak_ar.sequence_log_probs(found["tokens"], found["mask"], last,
