@@ -4,6 +4,10 @@
 The weak AR decoders only exist to train the NAR decoder (paper Section 3, "Inference"): the export keeps exactly
 the parameters of a plain NAR model (CTC or vanilla) of the same size, turns the AR switches off in its config, and
 ships the model, config and pipeline code so `trust_remote_code=True` users need nothing but transformers.
+
+One exception, asked for by name: a vanilla model trained with shared partners can keep them
+(`keep_ranking_partner=True`) to rank its length beam (`generate(num_beams=k, length_beam_ranking="partner")`, noisy
+parallel decoding by the last layer's partner). It adds one weak AR decoder; greedy decoding never runs it.
 """
 
 import copy
@@ -35,20 +39,41 @@ CUSTOM_PIPELINES = {
 }
 
 
-def inference_config(config: WeakNATConfig) -> WeakNATConfig:
-    """A copy of the config with every training-only AR switch off (no weak AR decoders, no glancing)."""
+def inference_config(config: WeakNATConfig, keep_ranking_partner: bool = False) -> WeakNATConfig:
+    """A copy of the config with every training-only AR switch off (no glancing; no weak AR decoders unless
+    `keep_ranking_partner`, which keeps the shared one)."""
     config = copy.deepcopy(config)
-    config.weak_ar_layers = 0
-    config.weak_ar_on_encoder = False
+    if not keep_ranking_partner:
+        config.weak_ar_layers = 0
+    config.weak_ar_on_encoder = False  # the encoder's partner ranks nothing (shared: the same single decoder)
     config.glancing = False
     config.architectures = ["WeakNATForConditionalGeneration"]
     return config
 
 
-def strip_weak_decoders(model: WeakNATForConditionalGeneration) -> WeakNATForConditionalGeneration:
-    """A new model holding the NAR weights of `model` (same values, same dtype) and no weak AR decoders."""
-    nar_state = {k: v for k, v in model.state_dict().items() if not k.startswith("weak_ar.")}
-    exported = WeakNATForConditionalGeneration(inference_config(model.config)).to(model.dtype)
+def check_ranking_partner(config: WeakNATConfig):
+    """The partner can be kept where it has a use and stays one decoder: a vanilla model with shared partners."""
+    nar_type = getattr(config, "nar_type", config.model_type)  # an AR baseline has none
+    if nar_type != "vanilla":
+        raise ValueError("keep_ranking_partner: the partner ranks a vanilla model's length beam; this model is "
+                         f"{nar_type!r} and would never run it")
+    if not config.uses_weak_ar:
+        raise ValueError("keep_ranking_partner: this model has no weak AR partner to keep (weak_ar_layers=0: trained "
+                         "without partners, or already an export)")
+    if not config.weak_ar_share_parameters:
+        raise ValueError("keep_ranking_partner needs shared partners (weak_ar_share_parameters=True): one decoder to "
+                         "keep, not one per layer")
+
+
+def strip_weak_decoders(model: WeakNATForConditionalGeneration,
+                        keep_ranking_partner: bool = False) -> WeakNATForConditionalGeneration:
+    """A new model holding the NAR weights of `model` (same values, same dtype) and no weak AR decoders; with
+    `keep_ranking_partner` (a vanilla model with shared partners), their one shared decoder too."""
+    if keep_ranking_partner:
+        check_ranking_partner(model.config)
+    nar_state = {k: v for k, v in model.state_dict().items()
+                 if keep_ranking_partner or not k.startswith("weak_ar.")}
+    exported = WeakNATForConditionalGeneration(inference_config(model.config, keep_ranking_partner)).to(model.dtype)
     exported.load_state_dict(nar_state, strict=True)  # strict: the export has exactly the NAR parameters
     if getattr(model, "generation_config", None) is not None:  # the caller's generate() defaults travel with it
         exported.generation_config = copy.deepcopy(model.generation_config)  # saved as generation_config.json
@@ -56,18 +81,21 @@ def strip_weak_decoders(model: WeakNATForConditionalGeneration) -> WeakNATForCon
 
 
 def export_for_hub(model: WeakNATForConditionalGeneration, save_directory, tokenizer=None,
-                   max_shard_size="2GB", weights_dtype: torch.dtype | None = None) -> Path:
+                   max_shard_size="2GB", weights_dtype: torch.dtype | None = None,
+                   keep_ranking_partner: bool = False) -> Path:
     """Write the inference checkpoint to `save_directory` and return its path.
 
     Holds: config.json (AR off, auto_map, custom_pipelines), generation_config.json (the model's `generation_config`:
-    `generate()` defaults), model.safetensors (no `weak_ar.*` keys), the remote code files (they run on transformers
+    `generate()` defaults), model.safetensors (no `weak_ar.*` keys unless kept), the remote code files (they run on transformers
     4.57+ and 5.x), and the tokenizer when given (its tokenizer_config.json made loadable by 4.x too).
     `weights_dtype` (e.g. `torch.float16`): the weights are stored in that dtype, half the size, while config.json
     keeps the model's own dtype, which `from_pretrained` loads them in unless asked for another.
+    `keep_ranking_partner`: a vanilla model's shared weak AR decoder stays (`weak_ar.*`), for
+    `generate(num_beams=k, length_beam_ranking="partner")`.
     """
     save_directory = Path(save_directory)
+    exported = strip_weak_decoders(model, keep_ranking_partner)  # refuses before anything is written
     save_directory.mkdir(parents=True, exist_ok=True)
-    exported = strip_weak_decoders(model)
     exported.config.auto_map = dict(AUTO_MAP)
     exported.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
     stored = None if weights_dtype is None else stored_weights(exported, weights_dtype)

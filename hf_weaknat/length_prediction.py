@@ -188,8 +188,9 @@ def check_length_beam_ranking(ranking: str, model) -> str:
         raise ValueError(f"length_beam_ranking must be one of {LENGTH_BEAM_RANKINGS}, got {ranking!r}")
     if ranking == "partner" and getattr(model, "weak_ar", None) is None:
         raise ValueError("length_beam_ranking='partner' ranks candidates with the model's weak AR partner, and this "
-                         "model has none: an export drops them. Load a training checkpoint or a study's average "
-                         "(`<run>/checkpoints/step-N/model`, `<run>/average-*`) of a run trained with partners")
+                         "model has none: an export drops them unless made with keep_ranking_partner=True. Load such "
+                         "an export, a training checkpoint or a study's average (`<run>/checkpoints/step-N/model`, "
+                         "`<run>/average-*`) of a run trained with partners")
     return ranking
 
 

@@ -31,7 +31,7 @@ def test_metric_works_incrementally_like_any_evaluate_metric():
     assert metric.compute()["bleu"] == sacrebleu.corpus_bleu(PREDICTIONS, [REFERENCES]).score
 
 
-def make_card(config, distilled=False, dataset="wmt/wmt14"):
+def make_card(config, distilled=False, dataset="wmt/wmt14", kept_partner_parameters=0):
     scores = score_translations(PREDICTIONS, REFERENCES) | {"num_sentences": len(REFERENCES)}
     data = {"dataset": dataset, "dataset_config": "de-en", "source_lang": "de", "target_lang": "en",
             "distilled": distilled}
@@ -40,7 +40,8 @@ def make_card(config, distilled=False, dataset="wmt/wmt14"):
     card = build_model_card(model_name="weaknat-demo", config=config, num_parameters=1234567, scores=scores,
                             eval_split="test", data=data, training=training, steps=300000,
                             filtered={"kept": 90, "source_too_long": 4, "target_does_not_fit": 6},
-                            example_source="Ein Mann fährt Fahrrad.", repo_or_path="user/weaknat-demo")
+                            example_source="Ein Mann fährt Fahrrad.", repo_or_path="user/weaknat-demo",
+                            kept_partner_parameters=kept_partner_parameters)
     return card, scores
 
 
@@ -73,3 +74,12 @@ def test_model_card_states_plain_ctc_and_undistilled_local_data(tmp_path):
     assert "plain CTC" in card.text and "not distilled" in card.text
     assert card.data.datasets is None  # a local folder is no Hub dataset id
     assert card.data.eval_results[0].dataset_name == "multi30k"
+
+
+def test_model_card_says_whether_the_export_kept_a_partner_to_rank_the_length_beam():
+    config = WeakNATConfig(vocab_size=100, nar_type="vanilla")
+    dropped, _ = make_card(config)
+    kept, _ = make_card(config, kept_partner_parameters=876543)
+    assert "exactly the parameters of a plain vanilla NAR model" in dropped.text and "876,543" not in dropped.text
+    assert "keeps the training's shared weak AR decoder" in kept.text and "876,543 parameters" in kept.text
+    assert 'length_beam_ranking="partner"' in kept.text and "exactly the parameters" not in kept.text

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import batch_of, read_lines, record_weak_ar_memories, tiny_config
 from safetensors import safe_open
-from transformers import AutoModelForSeq2SeqLM, GenerationConfig
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
 from hf_weaknat import WeakNATConfig, WeakNATForConditionalGeneration, WeakNATModel, export_for_hub
 from hf_weaknat.glancing import glanced_positions, glancing_target_inputs
@@ -387,6 +387,35 @@ def test_export_has_no_weak_ar_tensors_gives_bit_identical_logits_and_loads_remo
     assert translate(directory, sources, num_beams=3) == targets
 
 
+def test_an_export_that_keeps_the_ranking_partner_ranks_its_length_beam_as_the_trained_model_does(memorized_vanilla,
+                                                                                                  tokenizer, tmp_path):
+    model, sources, targets = memorized_vanilla
+    directory = export_for_hub(model, tmp_path / "export", tokenizer=tokenizer, keep_ranking_partner=True)
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        kept = {k for k in f.keys() if k.startswith("weak_ar.")}
+    assert kept == {k for k in model.state_dict() if k.startswith("weak_ar.")}  # the one shared decoder, whole
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(directory).eval()
+    assert loaded.weak_ar is not None and not loaded.config.glancing
+    encoded = tokenizer(sources, padding=True, return_tensors="pt")
+    options = dict(num_beams=3, length_beam_ranking="partner", return_dict_in_generate=True, output_scores=True)
+    theirs, ours = model.generate(**encoded, **options), loaded.generate(**encoded, **options)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores)
+    assert tokenizer.batch_decode(ours.sequences, skip_special_tokens=True) == targets
+    assert torch.equal(loaded.generate(**encoded), model.generate(**encoded))  # greedy never runs it
+
+
+@pytest.mark.parametrize("config, refusal", [
+    (vanilla(weak_ar_layers=0), "no weak AR partner to keep"),
+    (vanilla(weak_ar_share_parameters=False), "needs shared partners"),
+    (tiny_config(), "'ctc' and would never run it"),
+])
+def test_keeping_the_ranking_partner_is_refused_where_there_is_none_or_no_use_for_it(config, refusal, tmp_path):
+    with pytest.raises(ValueError, match=refusal):
+        export_for_hub(WeakNATForConditionalGeneration(config), tmp_path / "export", keep_ranking_partner=True)
+    assert not (tmp_path / "export").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------- training/
 
 
@@ -429,6 +458,16 @@ def test_train_py_trains_exports_and_the_export_loads_with_remote_code(tmp_path)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["module"].startswith("transformers_modules.") and report["nar_type"] == "vanilla"
     assert len(report["translations"]) == 2
+    from training.export import main as export_main
+
+    ranked = export_main(["--run_dir", str(run_dir), "--checkpoint", "latest", "--keep_ranking_partner", "true",
+                          "--output_dir", str(tmp_path / "ranked")])
+    assert json.loads((ranked / "config.json").read_text())["weak_ar_layers"] == 1
+    assert "keeps the training's shared weak AR decoder" in ModelCard.load(ranked / "README.md").text
+    model = AutoModelForSeq2SeqLM.from_pretrained(ranked).eval()
+    tokenizer = AutoTokenizer.from_pretrained(ranked)
+    assert model.generate(**tokenizer(sources, padding=True, return_tensors="pt"), num_beams=3,
+                          length_beam_ranking="partner").shape[0] == 2
 
 
 def test_a_length_beam_wider_than_the_length_classes_is_refused():
@@ -481,3 +520,37 @@ def test_diagnostics_of_a_model_that_learned_its_pairs_find_exact_lengths_and_ra
     assert set(found["translations"]) == set(found["systems"])
     # the partner trained on these pairs reading the NAR states at the right length prefers the right candidate
     assert found["systems"]["top_k/partner"]["bleu"] == pytest.approx(100.0)
+
+
+def test_the_diagnostics_summary_gives_mean_and_std_over_seeds_and_a_p_per_seed_pair(tmp_path):
+    from training.evidence.vanilla_diagnostics import summarize
+
+    references = [f"a man number {i} rides a red bicycle down the street" for i in range(40)]
+    wrong = [f"the dog {i} sits" for i in range(40)]
+
+    def result(bleu: float, translations: list[str]) -> dict:
+        accuracy = {"exact": 0.25, "within_1": 0.5, "mean_error": -1.0}
+        return {"length_accuracy": accuracy, "length_accuracy_vs_teacher": accuracy,
+                "repetition": {"greedy": {"share_of_repeats_by_quarter": [0, 0, 0.5, 0.5],
+                                          "sentences_with_a_repeat": 0.7}},
+                "systems": {"greedy": {"bleu": bleu, "repetition_rate": 0.1},
+                            "top_k/joint": {"bleu": bleu, "repetition_rate": 0.1},
+                            "top_k/partner": {"bleu": bleu + 2, "repetition_rate": 0.05}},
+                "translations": {"greedy": translations, "top_k/joint": translations, "top_k/partner": translations}}
+
+    for arm, seed, bleu, translations in (("vanilla", 1, 20.0, wrong), ("vanilla", 2, 22.0, wrong),
+                                          ("vanilla_weak_ar", 1, 30.0, references),
+                                          ("vanilla_weak_ar", 2, 30.0, wrong)):
+        found = result(bleu, translations)
+        if arm == "vanilla":  # a model trained without partners has no partner ranking
+            del found["systems"]["top_k/partner"], found["translations"]["top_k/partner"]
+        (tmp_path / f"{arm}-seed{seed}.json").write_text(json.dumps(found))
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:]
+            for line in summarize(tmp_path, references).splitlines() if line.startswith("| ")}
+    greedy = rows["BLEU (repeated tokens), greedy"]
+    assert greedy[:2] == ["21.00 ± 1.41 (10.0 ± 0.0%)", "30.00 ± 0.00 (10.0 ± 0.0%)"]
+    assert float(greedy[2]) <= 0.01 and float(greedy[3]) == 1.0  # seed 1: references vs wrong; seed 2: identical
+    assert rows["BLEU (repeated tokens), top_k/partner"][0] == "—"
+    assert rows["length accuracy vs the reference: exact (%)"][:2] == ["25.0 ± 0.0", "25.0 ± 0.0"]
+    gain = rows["vanilla_weak_ar top_k/partner vs vanilla top_k/joint"]
+    assert gain[0] == "11.00 ± 1.41" and float(gain[1]) <= 0.01 and float(gain[2]) == 1.0

@@ -1,7 +1,7 @@
 """Export any checkpoint of a run as a Hub model: weights without the weak AR decoders, tokenizer, code, model card.
 
     python training/export.py --run_dir runs/demo [--checkpoint best|latest|<dir>] [--push_to_hub user/repo]
-        [--weights_dtype float16]
+        [--weights_dtype float16] [--keep_ranking_partner]
 
 The checkpoint may also be an averaged model (training/average_checkpoints.py). It is scored on the run's test split
 (validation when there is none), so the card reports this model's own sacreBLEU and chrF.
@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from transformers import AutoTokenizer, HfArgumentParser
 
 from hf_weaknat import push_export_to_hub  # also registers the weaknat Auto classes
+from hf_weaknat.export import check_ranking_partner
 from training.arguments import DataArguments
 from training.checkpoints import (
     STATE_FILE, describe_checkpoint, load_checkpoint_model, newest_loadable_checkpoint, resolve_checkpoint,
@@ -40,6 +41,9 @@ class ExportArguments:
     weights_dtype: str | None = field(default=None, metadata={
         "help": "float16 or bfloat16: store the weights in half precision (half the size); they still load in "
                 "float32 unless the user asks for another dtype."})
+    keep_ranking_partner: bool = field(default=False, metadata={
+        "help": "A vanilla model trained with shared partners keeps that one weak AR decoder, to rank its length "
+                "beam: generate(num_beams=5, length_beam_ranking='partner')."})
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -60,6 +64,8 @@ def export_checkpoint(args: ExportArguments) -> Path:
     model = load_checkpoint_model(checkpoint, "export another one with --checkpoint <path>" + (
         f" (the newest loadable checkpoint is {describe_checkpoint(newest)})" if newest and newest != checkpoint
         else ""))
+    if args.keep_ranking_partner:  # before the scoring, which takes minutes
+        check_ranking_partner(model.config)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     data_args = DataArguments(**run_args["data"])
     accelerator = Accelerator()
@@ -75,7 +81,8 @@ def export_checkpoint(args: ExportArguments) -> Path:
         scores=scores, eval_split=eval_split, steps=steps, example_source=evaluation[eval_split][0]["source"],
         filtered=json.loads((run_dir / "data_stats.json").read_text())["train_pairs"],
         learning_curve=run_dir / "learning_curve.png", repo_id=args.push_to_hub, skipped_steps=skipped_steps,
-        weights_dtype=getattr(torch, args.weights_dtype) if args.weights_dtype else None, shown_as=args.shown_as)
+        weights_dtype=getattr(torch, args.weights_dtype) if args.weights_dtype else None, shown_as=args.shown_as,
+        keep_ranking_partner=args.keep_ranking_partner)
     print(f"Exported {checkpoint} to {export_dir}: {eval_split} BLEU {scores['bleu']:.2f}, chrF {scores['chrf']:.2f}")
     if args.push_to_hub:
         push_export_to_hub(export_dir, args.push_to_hub)

@@ -11,6 +11,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_weaknat import export_for_hub
+from hf_weaknat.export import check_ranking_partner
 from training.ar_baseline import export_marian
 from training.checkpoints import refuse_non_finite, written_whole
 
@@ -67,8 +68,10 @@ def method_text(config) -> tuple[str, str]:
 
 def build_model_card(*, model_name: str, config, num_parameters: int, scores: dict, eval_split: str, data: dict,
                      training: dict, filtered: dict, steps: int, example_source: str, repo_or_path: str,
-                     learning_curve: str = "learning_curve.png", skipped_steps: int = 0) -> ModelCard:
-    """`data`/`training`: the run's data and training arguments as dicts; `scores`: from evaluation.evaluate_split."""
+                     learning_curve: str = "learning_curve.png", skipped_steps: int = 0,
+                     kept_partner_parameters: int = 0) -> ModelCard:
+    """`data`/`training`: the run's data and training arguments as dicts; `scores`: from evaluation.evaluate_split;
+    `kept_partner_parameters`: the size of a weak AR decoder the export keeps for ranking (0: none kept)."""
     dataset_name, on_hub = dataset_identity(data["dataset"])
     family = family_of(config)
     source, target = data["source_lang"], data["target_lang"]
@@ -90,6 +93,7 @@ def build_model_card(*, model_name: str, config, num_parameters: int, scores: di
         source_name=LANGUAGE_NAMES.get(source, source), target_name=LANGUAGE_NAMES.get(target, target),
         source_lang=source, target_lang=target, method_description=summary, weak_ar_text=weak_ar,
         num_parameters_text=f"{num_parameters:,}", config=config,
+        kept_partner_text=f"{kept_partner_parameters:,}" if kept_partner_parameters else "",
         nar_type_text=NAR_TYPE_TEXT.get(getattr(config, "nar_type", None), ("", ""))[0],
         nar_short=NAR_TYPE_TEXT.get(getattr(config, "nar_type", None), ("", ""))[1],
         example_source=example_source.replace('"', '\\"'),
@@ -123,25 +127,30 @@ def filtered_text(filtered: dict, config, family: dict) -> str:
 def export_with_card(model, tokenizer, export_dir: Path, *, run_args: dict, scores: dict, eval_split: str,
                      filtered: dict, steps: int, example_source: str, learning_curve: Path | None = None,
                      repo_id: str | None = None, skipped_steps: int = 0, weights_dtype=None,
-                     shown_as: str | None = None) -> Path:
+                     shown_as: str | None = None, keep_ranking_partner: bool = False) -> Path:
     """`export_for_hub` (a WeakNAT) or a plain MarianMTModel folder (the AR baseline), then README.md (the card), the
     learning curve it shows and eval_results.json. Weights holding NaN or infinity are refused before anything is
     written (NonFiniteWeightsError naming the step and the first bad tensor). `weights_dtype`: a WeakNAT's weights
     stored in that dtype (`export_for_hub`). `shown_as`: the name the card loads the model by in its examples (a Hub
-    id or a path; default: `repo_id`, else the export folder)."""
+    id or a path; default: `repo_id`, else the export folder). `keep_ranking_partner`: a vanilla WeakNAT keeps its
+    shared weak AR decoder to rank its length beam (`export_for_hub`), and the card says so."""
     refuse_non_finite(model.state_dict(), f"an export to {export_dir}", steps)
     export_dir = Path(export_dir)
     num_parameters = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("weak_ar."))
+    if keep_ranking_partner:
+        check_ranking_partner(model.config)
+    partner_parameters = sum(p.numel() for p in model.weak_ar.parameters()) if keep_ranking_partner else 0
     shown_as = shown_as or repo_id
     card = build_model_card(model_name=shown_as.split("/")[-1] if shown_as else export_dir.resolve().parent.name,
                             config=model.config, num_parameters=num_parameters, scores=scores, eval_split=eval_split,
                             data=run_args["data"], training=run_args["training"], filtered=filtered, steps=steps,
                             example_source=example_source, repo_or_path=shown_as or str(export_dir),
-                            skipped_steps=skipped_steps)
+                            skipped_steps=skipped_steps, kept_partner_parameters=partner_parameters)
     kept = {k: v for k, v in scores.items() if k != "predictions"}
     with written_whole(export_dir, "the export") as folder:  # a failed write leaves no export that looks complete
         if model.config.model_type == "weaknat":
-            export_for_hub(model, folder, tokenizer, weights_dtype=weights_dtype)
+            export_for_hub(model, folder, tokenizer, weights_dtype=weights_dtype,
+                           keep_ranking_partner=keep_ranking_partner)
         else:
             export_marian(model, tokenizer, folder)
         if learning_curve is not None and Path(learning_curve).is_file():

@@ -25,10 +25,16 @@ trained vanilla model (issue 28).
 `--model` is a folder loadable by `WeakNATForConditionalGeneration.from_pretrained` with its tokenizer (a study's
 `average-*` folder keeps the weak AR decoders; an export has none, so no `partner` ranking). `--run_dir` adds the
 repeated-token rate and BLEU of every validation of the run (logged since this tool exists).
+
+    python training/evidence/vanilla_diagnostics.py --summarize docs/results/vanilla_diagnostics
+
+reads every `<arm>-seed<N>.json` there and writes its README.md: each measurement as mean ± std over seeds per arm,
+and per seed pair the paired bootstrap p of the second arm against the first on the same system.
 """
 
 import argparse
 import json
+import statistics
 from collections import Counter
 from pathlib import Path
 
@@ -50,6 +56,14 @@ from training.evidence.study import paired_bootstrap
 TEACHER_TRANSLATIONS = Path(__file__).resolve().parents[2] / "docs/results/study/teacher_test_beam5.json"
 RANKINGS = (*LENGTH_BEAM_RANKINGS, "teacher")  # the package's own (the partner's too), and an AR model's
 LENGTH_BUCKETS = ((0, 10), (10, 20), (20, None))  # reference tokens (sacreBLEU's 13a words)
+SUMMARY_HEADER = """# Vanilla NAR diagnostics, over seeds
+
+Written by `python training/evidence/vanilla_diagnostics.py --summarize docs/results/vanilla_diagnostics` from the
+`<arm>-seed<N>.json` files beside it (each written by the same tool with `--model`). Mean ± std over seeds; p: sacreBLEU's
+paired bootstrap of the second arm against the first, on the same system and seed. `top_k`/`window`: which lengths the
+length beam decodes; after the slash, how its candidates are ranked; `oracle`: decoded at the reference's length.
+
+"""
 
 
 class VanillaDecoder:
@@ -209,10 +223,91 @@ def validation_curve(run_dir: Path) -> list[dict]:
             for r in records if r["split"] == "validation"]
 
 
+def arm_and_seed(path: Path) -> tuple[str, int]:
+    """`vanilla_weak_ar-seed2.json` -> ("vanilla_weak_ar", 2)."""
+    arm, _, seed = path.stem.rpartition("-seed")
+    if not arm or not seed.isdigit():
+        raise ValueError(f"{path.name}: a diagnostics file to summarize is named <arm>-seed<N>.json")
+    return arm, int(seed)
+
+
+def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """mean ± std over seeds (the std left out for a single seed)."""
+    mean = scale * statistics.mean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
+
+
+SUMMARY_ROWS = (  # (label, what to read from one result): what the issue asks the verdict to show
+    ("length accuracy vs the reference: exact (%)", lambda r: 100 * r["length_accuracy"]["exact"]),
+    ("length accuracy vs the reference: within 1 (%)", lambda r: 100 * r["length_accuracy"]["within_1"]),
+    ("length error vs the reference (tokens)", lambda r: r["length_accuracy"]["mean_error"]),
+    ("length accuracy vs the teacher: exact (%)", lambda r: 100 * r["length_accuracy_vs_teacher"]["exact"]),
+    ("length accuracy vs the teacher: within 1 (%)", lambda r: 100 * r["length_accuracy_vs_teacher"]["within_1"]),
+    ("repeats in the third quarter of the sentence (% of repeats)",
+     lambda r: 100 * r["repetition"]["greedy"]["share_of_repeats_by_quarter"][2]),
+    ("sentences with a repeat (%)", lambda r: 100 * r["repetition"]["greedy"]["sentences_with_a_repeat"]),
+)
+
+
+def summarize(folder: Path, references: list[str]) -> str:
+    """The markdown table of every `<arm>-seed<N>.json` in `folder` (see the module docstring)."""
+    results: dict[str, dict[int, dict]] = {}
+    for path in sorted(folder.glob("*-seed*.json")):
+        arm, seed = arm_and_seed(path)
+        results.setdefault(arm, {})[seed] = json.loads(path.read_text())
+    if not results:
+        raise SystemExit(f"{folder} holds no <arm>-seed<N>.json diagnostics")
+    arms = sorted(results, key=len)  # the baseline (the shorter name, "vanilla") first
+    paired = sorted(set.intersection(*(set(results[a]) for a in arms))) if len(arms) == 2 else []
+    header = ["on test2016"] + [f"{arm} (seeds {', '.join(map(str, sorted(results[arm])))})" for arm in arms]
+    header += [f"p, seed {seed}" for seed in paired]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, read in SUMMARY_ROWS:
+        cells = []
+        for arm in arms:
+            try:
+                cells.append(spread([read(r) for r in results[arm].values()], digits=1 if "%" in label else 2))
+            except KeyError:
+                cells.append("—")
+        lines.append("| " + " | ".join([label, *cells] + [""] * len(paired)) + " |")
+    systems = [key for arm in arms for r in results[arm].values() for key in r["systems"]]
+    for system in dict.fromkeys(systems):  # in order of first appearance
+        cells = []
+        for arm in arms:
+            found = [r["systems"][system] for r in results[arm].values() if system in r["systems"]]
+            cells.append(f"{spread([f['bleu'] for f in found])} ({spread([f['repetition_rate'] for f in found], 100, 1)}%)"
+                         if found else "—")
+        for seed in paired:  # the second arm against the first, on the same system and seed
+            pair = [results[arm][seed] for arm in arms]
+            both = all(system in r["translations"] for r in pair)
+            cells.append(f"{paired_bootstrap(references, *(r['translations'][system] for r in pair)):.3f}"
+                         if both else "")
+        lines.append(f"| BLEU (repeated tokens), {system} | " + " | ".join(cells) + " |")
+    if paired:
+        lines += ["", f"Each arm at its best ranking: {arms[1]} ranked by its partner against {arms[0]} ranked "
+                  "without a second model (joint) and by the AR teacher:", "",
+                  "| systems | Δ BLEU | " + " | ".join(f"p, seed {seed}" for seed in paired) + " |",
+                  "|" + "---|" * (2 + len(paired))]
+        for ours, theirs in (("top_k/partner", "top_k/joint"), ("top_k/partner", "top_k/teacher")):
+            pairs = [(results[arms[1]][seed], results[arms[0]][seed]) for seed in paired]
+            if not all(ours in a["translations"] and theirs in b["translations"] for a, b in pairs):
+                continue
+            gains = [a["systems"][ours]["bleu"] - b["systems"][theirs]["bleu"] for a, b in pairs]
+            p_values = [f"{paired_bootstrap(references, b['translations'][theirs], a['translations'][ours]):.3f}"
+                        for a, b in pairs]
+            lines.append(f"| {arms[1]} {ours} vs {arms[0]} {theirs} | {spread(gains)} | " + " | ".join(p_values)
+                         + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a vanilla WeakNAT folder with its tokenizer")
+    p.add_argument("--model", help="a vanilla WeakNAT folder with its tokenizer")
+    p.add_argument("--summarize", metavar="FOLDER", help="instead: the table of the <arm>-seed<N>.json files there, "
+                   "written to its README.md")
     p.add_argument("--tokenizer", help="tokenizer folder (default: --model's)")
     p.add_argument("--run_dir", help="the run it comes from: adds the validation curve of repetition and BLEU")
     p.add_argument("--teacher", help="an AR seq2seq model folder (with its tokenizer) to rank length-beam candidates")
@@ -226,6 +321,13 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--json", help="write every number here")
     args = p.parse_args(argv)
+    if args.summarize:
+        table = summarize(Path(args.summarize), read_lines(args.reference, args.sentences))
+        (Path(args.summarize) / "README.md").write_text(SUMMARY_HEADER + table)
+        print(table)
+        return table
+    if not args.model:
+        p.error("--model (or --summarize) is required")
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     model = WeakNATForConditionalGeneration.from_pretrained(args.model)
