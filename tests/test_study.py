@@ -119,6 +119,26 @@ def test_a_run_stops_itself_once_flat_and_is_scored_where_it_stopped(grid_file, 
         (tmp_path / "results/tiny/README.md").read_text()
 
 
+@pytest.mark.parametrize("records, resumed", [
+    ([("train", 2), ("train", 4)], False),
+    ([("train", 2), ("stopped", 3), ("train", 4)], True),  # a stop signal, then `--resume_from_checkpoint latest`
+    ([("train", 2), ("train", 4), ("train", 4)], True),  # killed after update 4, resumed from its checkpoint at 2
+])
+def test_a_resumed_run_reports_no_wall_time_and_the_table_says_so(records, resumed, tmp_path):
+    # a resume rewrites run_args.json, and the parts of a resumed run trained under different loads
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"split": split, "step": step, **({"signal": "SIGTERM"} if split == "stopped" else {})}) + "\n"
+        for split, step in records))
+    assert study.was_resumed(tmp_path) == resumed
+    if resumed:
+        assert study.wall_time_to_budget({}, tmp_path) is None
+        row = {"seeds": [1], "plateau_step": {1: None}, "updates": [4], "train_wall_time_min": [None],
+               **{f"{d}_{m}": (1.0, None) for d in ("greedy", "beam2") for m in ("bleu", "chrf", "repetition_rate")}}
+        table = study.markdown({"name": "g", "num_beams": 2, "flags": {"max_steps": 4}, "recipe": "r",
+                                "average_last": 2, "baseline": "a"}, {"variants": {"a": row}})
+        assert table.splitlines()[-1].endswith("| 4 | resumed |")
+
+
 def test_a_stopped_study_stops_its_training_run_too(tmp_path):
     # a training child left running after its study is killed would keep writing into the run directory
     pid_file = tmp_path / "child.pid"

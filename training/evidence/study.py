@@ -163,15 +163,15 @@ def run_one(grid: dict, variant: str, seed: int, train: bool = True) -> Path:
     result = {"grid": grid["name"], "variant": variant, "seed": seed, "recipe": grid["recipe"],
               "flags": {**grid["flags"], **(grid["variants"][variant] or {})}, "budget": run_budget(grid, run_dir),
               "trained_max_steps": trained,
-              "train_wall_time_s": round(wall_time), "machine": machine(),
+              "train_wall_time_s": None if wall_time is None else round(wall_time), "machine": machine(),
               **curves(run_dir), "test": score_run(grid, run_dir)}
     path = result_path(grid, variant, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".json.partial")
     partial.write_text(json.dumps(result, indent=1, ensure_ascii=False))
     partial.replace(path)  # a result file exists only once complete
-    print(f"[study] wrote {path} (greedy BLEU {result['test']['greedy']['bleu']:.2f}, {wall_time / 60:.0f} min to "
-          f"the budget)")
+    print(f"[study] wrote {path} (greedy BLEU {result['test']['greedy']['bleu']:.2f}, "
+          + (f"{wall_time / 60:.0f} min to the budget)" if wall_time is not None else "resumed: no wall time)"))
     return path
 
 
@@ -192,9 +192,21 @@ def train_in_child(command: list[str]) -> None:
         raise subprocess.CalledProcessError(returncode, command)
 
 
-def wall_time_to_budget(grid: dict, run_dir: Path) -> float:
+def was_resumed(run_dir: Path) -> bool:
+    """Did the run train in more than one go: stopped by a signal and continued, or its updates logged twice (a
+    resume from an earlier checkpoint after a kill)?"""
+    records = read_records(run_dir / "metrics.jsonl")
+    steps = [r["step"] for r in records if r["split"] == "train"]
+    return (any(r["split"] == "stopped" and "signal" in r for r in records)
+            or any(later <= earlier for earlier, later in zip(steps, steps[1:])))
+
+
+def wall_time_to_budget(grid: dict, run_dir: Path) -> float | None:
     """Seconds from the run's start (its `run_args.json`) to its checkpoint at the budget (that checkpoint's
-    `trainer_state.json`, written last), validations and saving included. A resumed run's pause counts too."""
+    `trainer_state.json`, written last), validations and saving included; None for a run that was resumed (its
+    `run_args.json` is rewritten at each start, and the load on the machine differed between its parts)."""
+    if was_resumed(run_dir):
+        return None
     checkpoint = scored_checkpoints(grid, run_dir)[-1]
     return (checkpoint / "trainer_state.json").stat().st_mtime - (run_dir / "run_args.json").stat().st_mtime
 
@@ -252,7 +264,8 @@ def summarize(grid: dict, results: dict) -> dict:
     for variant, runs in results.items():
         row = {"seeds": sorted(runs), "plateau_step": {s: plateau_step(r["validation"]) for s, r in runs.items()},
                "updates": [r["budget"] for r in runs.values()],
-               "train_wall_time_min": [round(r["train_wall_time_s"] / 60) for r in runs.values()]}
+               "train_wall_time_min": [None if r["train_wall_time_s"] is None else round(r["train_wall_time_s"] / 60)
+                                       for r in runs.values()]}
         for decoding in ("greedy", beam):
             for metric in ("bleu", "chrf", "repetition_rate"):
                 row[f"{decoding}_{metric}"] = mean_std([r["test"][decoding][metric] for r in runs.values()])
@@ -298,7 +311,7 @@ def markdown(grid: dict, summary: dict) -> str:
                      f"{pm(row['greedy_chrf'])} | {pm(row['greedy_repetition_rate'], 100)}% | {difference} | "
                      f"{p_values} | {', '.join(flat_at(s) for s in row['plateau_step'].values())} | "
                      f"{', '.join(str(n) for n in row.get('updates', []))} | "
-                     f"{', '.join(str(m) for m in row['train_wall_time_min'])} |")
+                     f"{', '.join('resumed' if m is None else str(m) for m in row['train_wall_time_min'])} |")
     return "\n".join(lines) + "\n"
 
 
