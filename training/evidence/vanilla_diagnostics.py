@@ -61,7 +61,8 @@ SUMMARY_HEADER = """# Vanilla NAR diagnostics, over seeds
 Written by `python training/evidence/vanilla_diagnostics.py --summarize docs/results/vanilla_diagnostics` from the
 `<arm>-seed<N>.json` files beside it (each written by the same tool with `--model`). Mean ± std over seeds; p: sacreBLEU's
 paired bootstrap of the second arm against the first, on the same system and seed. `top_k`/`window`: which lengths the
-length beam decodes; after the slash, how its candidates are ranked; `oracle`: decoded at the reference's length.
+length beam decodes; after the slash, how its candidates are ranked (`partner`: by the model's last-layer weak
+partner; `teacher`: by the AR model each file names as `teacher`); `oracle`: decoded at the reference's length.
 
 """
 
