@@ -354,10 +354,11 @@ import json, sys
 sys.modules["hf_weaknat"] = None  # the export's own code only
 from transformers import AutoModelForSeq2SeqLM, pipeline
 directory, sources = sys.argv[1], json.loads(sys.argv[2])
+generate_kwargs = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
 model = AutoModelForSeq2SeqLM.from_pretrained(directory, trust_remote_code=True)
 translator = pipeline(model=directory, trust_remote_code=True)
 print(json.dumps({"module": type(model).__module__, "nar_type": model.config.nar_type,
-                  "translations": [r["translation_text"] for r in translator(sources)]}))
+                  "translations": [r["translation_text"] for r in translator(sources, **generate_kwargs)]}))
 """
 
 
@@ -403,6 +404,13 @@ def test_an_export_that_keeps_the_ranking_partner_ranks_its_length_beam_as_the_t
     torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores)
     assert tokenizer.batch_decode(ours.sequences, skip_special_tokens=True) == targets
     assert torch.equal(loaded.generate(**encoded), model.generate(**encoded))  # greedy never runs it
+    ranking = json.dumps({"num_beams": 3, "length_beam_ranking": "partner"})  # a Hub user's way: remote code only
+    result = subprocess.run([sys.executable, "-c", NO_PACKAGE_SCRIPT, str(directory), json.dumps(sources), ranking],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["module"].startswith("transformers_modules.") and report["translations"] == targets
 
 
 @pytest.mark.parametrize("config, refusal", [
