@@ -533,7 +533,9 @@ def test_diagnostics_of_a_model_that_learned_its_pairs_find_exact_lengths_and_ra
 def test_the_diagnostics_summary_gives_mean_and_std_over_seeds_and_a_p_per_seed_pair(tmp_path):
     from training.evidence.vanilla_diagnostics import summarize
 
-    references = [f"a man number {i} rides a red bicycle down the street" for i in range(40)]
+    references = [f"a man {i} rides a red bicycle fast" for i in range(30)]  # 8 words
+    references += [f"a man number {i} rides a red bicycle down the long and busy street of the old town "
+                   "past the market" for i in range(10)]  # 21 words
     wrong = [f"the dog {i} sits" for i in range(40)]
 
     def result(bleu: float, translations: list[str]) -> dict:
@@ -560,5 +562,11 @@ def test_the_diagnostics_summary_gives_mean_and_std_over_seeds_and_a_p_per_seed_
     assert float(greedy[2]) <= 0.01 and float(greedy[3]) == 1.0  # seed 1: references vs wrong; seed 2: identical
     assert rows["BLEU (repeated tokens), top_k/partner"][0] == "—"
     assert rows["length accuracy vs the reference: exact (%)"][:2] == ["25.0 ± 0.0", "25.0 ± 0.0"]
+    short, long = (rows[f"greedy BLEU, references of {name} words ({count} sentences)"]
+                   for name, count in (("0-10", 30), ("20-inf", 10)))
+    for bucket in short, long:  # seed 1 of the partner arm is the references themselves, seed 2 the wrong outputs
+        assert float(bucket[0].split(" ± ")[0]) < 1 and float(bucket[1].split(" ± ")[0]) > 49
+        assert float(bucket[2]) <= 0.01 and float(bucket[3]) == 1.0
+    assert not any(label.startswith("greedy BLEU, references of 10-20") for label in rows)  # no sentence, no row
     gain = rows["vanilla_weak_ar top_k/partner vs vanilla top_k/joint"]
     assert gain[0] == "11.00 ± 1.41" and float(gain[1]) <= 0.01 and float(gain[2]) == 1.0

@@ -29,7 +29,8 @@ repeated-token rate and BLEU of every validation of the run (logged since this t
     python training/evidence/vanilla_diagnostics.py --summarize docs/results/vanilla_diagnostics
 
 reads every `<arm>-seed<N>.json` there and writes its README.md: each measurement as mean ± std over seeds per arm,
-and per seed pair the paired bootstrap p of the second arm against the first on the same system.
+and per seed pair the paired bootstrap p of the second arm against the first on the same system; and greedy BLEU per
+reference-length bucket (where the vanilla NAR repeats most, do the partners help more?).
 """
 
 import argparse
@@ -122,6 +123,12 @@ def length_accuracy(predicted: list[int], reference: list[int]) -> dict:
             "too_short": sum(e < 0 for e in errors) / count, "too_long": sum(e > 0 for e in errors) / count}
 
 
+def length_bucket(reference: str) -> str:
+    """The LENGTH_BUCKETS name ("0-10", "10-20", "20-inf") of a reference by its word count."""
+    words = len(reference.split())
+    return next(f"{low}-{high or 'inf'}" for low, high in LENGTH_BUCKETS if high is None or words <= high)
+
+
 def repetition_positions(hypotheses: list[str], references: list[str]) -> dict:
     """Where repeated tokens (a token equal to the one before it) sit: share of all repeats in each quarter of their
     sentence, the repeated-token rate per reference-length bucket, and the share of sentences with any repeat."""
@@ -132,10 +139,7 @@ def repetition_positions(hypotheses: list[str], references: list[str]) -> dict:
         repeats = [i for i in range(1, len(tokens)) if tokens[i] == tokens[i - 1]]
         with_repeat += bool(repeats)
         quarters.update(min(4 * i // len(tokens), 3) for i in repeats)
-        words = len(reference.split())
-        for low, high in LENGTH_BUCKETS:
-            if words > low and (high is None or words <= high):
-                by_bucket[f"{low}-{high or 'inf'}"].append(hypothesis)
+        by_bucket[length_bucket(reference)].append(hypothesis)
     total = sum(quarters.values()) or 1
     return {"share_of_repeats_by_quarter": [quarters[q] / total for q in range(4)],
             "sentences_with_a_repeat": with_repeat / max(len(hypotheses), 1),
@@ -286,6 +290,19 @@ def summarize(folder: Path, references: list[str]) -> str:
             cells.append(f"{paired_bootstrap(references, *(r['translations'][system] for r in pair)):.3f}"
                          if both else "")
         lines.append(f"| BLEU (repeated tokens), {system} | " + " | ".join(cells) + " |")
+    # where the vanilla NAR repeats most (long sentences), does the partner help more? greedy BLEU per length bucket
+    buckets = {}
+    for i, reference in enumerate(references):
+        buckets.setdefault(length_bucket(reference), []).append(i)
+    for name, indices in sorted(buckets.items(), key=lambda item: int(item[0].split("-")[0])):
+        pick = lambda texts: [texts[i] for i in indices]  # noqa: E731
+        cells = [spread([bleu(pick(r["translations"]["greedy"]), pick(references))["bleu"]
+                         for r in results[arm].values()]) for arm in arms]
+        for seed in paired:
+            greedy = [pick(results[arm][seed]["translations"]["greedy"]) for arm in arms]
+            cells.append(f"{paired_bootstrap(pick(references), *greedy):.3f}")
+        lines.append(f"| greedy BLEU, references of {name} words ({len(indices)} sentences) | " + " | ".join(cells)
+                     + " |")
     if paired:
         lines += ["", f"Each arm at its best ranking: {arms[1]} ranked by its partner against {arms[0]} ranked "
                   "without a second model (joint) and by the AR teacher:", "",
