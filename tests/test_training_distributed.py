@@ -44,8 +44,16 @@ MATRIX = {
 }
 
 
+def free_port() -> int:
+    """A port no process listens on now: accelerate's default (29500) clashes with a launch running beside this one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch(arguments: list[str], processes: int = 2):
-    command = LAUNCH + arguments if processes == 2 else [sys.executable, *arguments]
+    command = [*LAUNCH, "--main_process_port", str(free_port()), *arguments] if processes == 2 else [
+        sys.executable, *arguments]
     ENV.update(CPU)
     try:
         return run(command, timeout=300)
@@ -175,10 +183,7 @@ def test_fsdp_computes_in_bf16_and_reduces_gradients_in_fp32():
     (accelerate selects FSDP only on GPUs; FSDP2 itself runs on the CPU with gloo)."""
     launch_environment = fsdp_launch_environment()
     assert launch_environment["ACCELERATE_USE_FSDP"] == "true" and launch_environment["FSDP_VERSION"] == "2"
-    with socket.socket() as probe:  # a free port for the one-process group
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    result = subprocess.run([sys.executable, "-c", FSDP_PREPARATION, str(port)], cwd=REPO,
+    result = subprocess.run([sys.executable, "-c", FSDP_PREPARATION, str(free_port())], cwd=REPO,
                             env={**ENV, **launch_environment}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.splitlines()[-1])
