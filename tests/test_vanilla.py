@@ -2,6 +2,7 @@
 the reference, the length beam, export and training, with the same weak AR decoders as CTC."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -570,3 +571,46 @@ def test_the_diagnostics_summary_gives_mean_and_std_over_seeds_and_a_p_per_seed_
     assert not any(label.startswith("greedy BLEU, references of 10-20") for label in rows)  # no sentence, no row
     gain = rows["vanilla_weak_ar top_k/partner vs vanilla top_k/joint"]
     assert gain[0] == "11.00 ± 1.41" and float(gain[1]) <= 0.01 and float(gain[2]) == 1.0
+
+
+def test_a_fresh_partner_probe_learns_to_read_the_frozen_layers_and_leaves_the_model_as_it_was(
+        memorized_vanilla, tokenizer, tmp_path):
+    from training.evidence.partner_probe import probe
+
+    model, sources, targets = memorized_vanilla
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split, copies in (("train", 8), ("valid", 1)):
+        (corpus / f"{split}.de").write_text("".join(s + "\n" for s in sources * copies), encoding="utf-8")
+        (corpus / f"{split}.en").write_text("".join(t + "\n" for t in targets * copies), encoding="utf-8")
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    found = probe(model, tokenizer, corpus, updates=40, max_tokens=200, learning_rate=3e-3, warmup=1, eval_every=20,
+                  layers=[model.config.decoder_layers - 1])
+    assert all(torch.equal(weights[name], tensor) for name, tensor in model.state_dict().items())
+    assert found["train_pairs"] == 40 and found["validation_pairs"] == 5 and found["layers"] == [4]
+    assert [point["step"] for point in found["probe"]] == [20, 40]
+    assert found["probe"][1]["loss"] < found["probe"][0]["loss"] < math.log(len(tokenizer))
+    # the model's own partner learned these pairs with the layers: it reads them better than 40 fresh updates can
+    assert found["own_partners_loss_by_layer"][0] < found["probe_loss"]
+
+
+def test_the_probe_summary_gives_each_arms_loss_over_seeds_and_the_difference_per_seed_pair(tmp_path):
+    from training.evidence.partner_probe import summarize
+
+    for arm, seed, fresh, own in (("vanilla", 1, 3.0, None), ("vanilla", 2, 3.2, None),
+                                  ("vanilla_weak_ar", 1, 2.9, 2.5), ("vanilla_weak_ar", 2, 3.0, 2.7)):
+        (tmp_path / f"{arm}-seed{seed}.json").write_text(json.dumps({
+            "decoder_layers": 3, "layers": [3], "probe_loss_by_layer": [fresh], "probe_loss": fresh,
+            "probe": [{"step": 5, "loss_by_layer": [fresh - seed / 10]}, {"step": 10, "loss_by_layer": [fresh]}],
+            "own_partners_loss_by_layer": own and [own], "updates": 10, "max_tokens": 100, "learning_rate": 1e-3,
+            "train_pairs": 50, "validation_pairs": 5}))
+    cells = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+             for line in summarize(tmp_path).splitlines() if line.startswith("| ")]
+    rows = {row[0]: row[1:] for row in cells}
+    assert rows["fresh partner, layer 3, after 10 updates"] == ["3.100 ± 0.141", "2.950 ± 0.071", "-0.100", "-0.200"]
+    assert rows["fresh partner, layer 3, lowest on its curve"] == ["2.950 ± 0.071", "2.800 ± 0.000", "-0.100",
+                                                                  "-0.200"]
+    assert rows["own partners (trained with the model), layer 3"] == ["—", "2.600 ± 0.141", "", ""]
+    (tmp_path / "vanilla-seed3.json").write_text(json.dumps({"decoder_layers": 3, "layers": [1, 2, 3]}))
+    with pytest.raises(SystemExit, match="different layers"):
+        summarize(tmp_path)
