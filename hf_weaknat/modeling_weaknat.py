@@ -475,13 +475,13 @@ class WeakNATForConditionalGeneration(WeakNATPreTrainedModel, GenerationMixin):
         beam_search_backend, length_beam, length_beam_ranking (`str`, optional): this model's own options, as
             keywords or `generation_config` entries: which CTC beam search runs (`ctc.choose_beam_search_backend`);
             vanilla: which lengths the length beam decodes (`"top_k"` or fairseq's `"window"`) and how it ranks them
-            (`"average"`, `"joint"`, `"average_plus_length"`, or `"partner"`: the weak AR partner of the last layer,
-            for a model loaded with its partners; `length_prediction.rank_length_beam`).
+            (`"joint"`, the default, `"average"`, `"average_plus_length"`, or `"partner"`: the weak AR partner of the
+            last layer, for a model loaded with its partners; `length_prediction.rank_length_beam`).
 
         `num_beams=1`: each valid frame's argmax, repeats collapsed, blanks dropped; `num_beams > 1`: CTC prefix beam
         search; `do_sample=True`: each frame drawn from its warped distribution, then collapsed. Vanilla: the most
         probable length, one argmax per position (`num_beams > 1`: the length beam, the `num_beams` most probable
-        lengths decoded at once, ranked by average log-probability; `do_sample=True`: each position drawn at the
+        lengths decoded at once, ranked by their joint log-probability; `do_sample=True`: each position drawn at the
         most probable length). A one-pass model
         does not stop early: the frames fix the length, `max_length` / `max_new_tokens` only truncate. An empty
         sentence (`</s>` alone) translates to an empty sequence. docs/usage.md ("Generation arguments") lists them all.

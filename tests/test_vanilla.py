@@ -196,7 +196,7 @@ def test_greedy_decodes_at_the_predicted_length_and_batched_equals_unbatched(unt
 def test_length_beam_returns_distinct_lengths_ranked_by_average_log_probability(untrained):
     batch = batch_of(SOURCES)
     out = untrained.generate(**batch, num_beams=5, num_return_sequences=3, return_dict_in_generate=True,
-                             output_scores=True)
+                             output_scores=True, length_beam_ranking="average")
     assert out.sequences.shape[0] == 9 and out.sequences_scores.shape == (9,)
     scores = out.sequences_scores.view(3, 3)
     assert (scores[:, :-1] >= scores[:, 1:]).all()
@@ -245,11 +245,13 @@ def test_a_window_length_beam_decodes_the_lengths_around_the_most_probable_one(u
         untrained.generate(**batch, num_beams=3, length_beam="nearby")
 
 
-@pytest.mark.parametrize("ranking", ["joint", "average_plus_length"])
+@pytest.mark.parametrize("ranking", ["joint", "average_plus_length", None])
 def test_length_beam_rankings_score_what_they_say(untrained, ranking):
+    """None: no ranking asked for, which ranks by joint (the study's measurement over seeds, docs/study.md)."""
     batch = batch_of(SOURCES[:1])
+    asked = {} if ranking is None else {"length_beam_ranking": ranking}
     out = untrained.generate(**batch, num_beams=4, num_return_sequences=4, return_dict_in_generate=True,
-                             output_scores=True, length_beam_ranking=ranking)
+                             output_scores=True, **asked)
     assert (out.sequences_scores[:-1] >= out.sequences_scores[1:]).all()
     encoder = untrained.model.encode(batch["input_ids"])[0]
     length_log_probs = F.log_softmax(untrained.model.length_predictor(encoder.last_hidden_state,
@@ -261,7 +263,7 @@ def test_length_beam_rankings_score_what_they_say(untrained, ranking):
         hidden = untrained.model.decoder(*inputs, encoder.last_hidden_state, batch["attention_mask"]).last_hidden_state
         picked = F.log_softmax(untrained.ctc_head(hidden)[0], -1).gather(1, tokens[:, None])
         length = length_log_probs[len(tokens) - len(SOURCES[0]) + 8]
-        expected = picked.sum() + length if ranking == "joint" else picked.mean() + length
+        expected = picked.mean() + length if ranking == "average_plus_length" else picked.sum() + length
         torch.testing.assert_close(score, expected)
 
 
@@ -546,8 +548,10 @@ def test_the_diagnostics_summary_gives_mean_and_std_over_seeds_and_a_p_per_seed_
                                           "sentences_with_a_repeat": 0.7}},
                 "systems": {"greedy": {"bleu": bleu, "repetition_rate": 0.1},
                             "top_k/joint": {"bleu": bleu, "repetition_rate": 0.1},
+                            "top_k/average": {"bleu": bleu - 1, "repetition_rate": 0.1},
                             "top_k/partner": {"bleu": bleu + 2, "repetition_rate": 0.05}},
-                "translations": {"greedy": translations, "top_k/joint": translations, "top_k/partner": translations}}
+                "translations": {"greedy": translations, "top_k/joint": translations, "top_k/average": wrong,
+                                 "top_k/partner": translations}}
 
     for arm, seed, bleu, translations in (("vanilla", 1, 20.0, wrong), ("vanilla", 2, 22.0, wrong),
                                           ("vanilla_weak_ar", 1, 30.0, references),
@@ -571,6 +575,10 @@ def test_the_diagnostics_summary_gives_mean_and_std_over_seeds_and_a_p_per_seed_
     assert not any(label.startswith("greedy BLEU, references of 10-20") for label in rows)  # no sentence, no row
     gain = rows["vanilla_weak_ar top_k/partner vs vanilla top_k/joint"]
     assert gain[0] == "11.00 ± 1.41" and float(gain[1]) <= 0.01 and float(gain[2]) == 1.0
+    # the default ranking's evidence: joint against average within each run, for each way of picking lengths
+    top_k, window = rows["vanilla_weak_ar seed 1"]
+    assert top_k.startswith("+1.00 (") and float(top_k[7:-1]) <= 0.01 and window == "—"
+    assert rows["vanilla seed 2"] == ["+1.00 (1.000)", "—"]  # the same translations either way
 
 
 def test_a_fresh_partner_probe_learns_to_read_the_frozen_layers_and_leaves_the_model_as_it_was(

@@ -317,7 +317,29 @@ def summarize(folder: Path, references: list[str]) -> str:
                         for a, b in pairs]
             lines.append(f"| {arms[1]} {ours} vs {arms[0]} {theirs} | {spread(gains)} | " + " | ".join(p_values)
                          + " |")
+    lines += default_ranking_table(results, arms, references)
     return "\n".join(lines) + "\n"
+
+
+def default_ranking_table(results: dict, arms: list[str], references: list[str]) -> list[str]:
+    """The evidence for the length beam's default ranking (`length_beam_ranking`): each run ranked by joint against
+    the same run ranked by average, on the same candidates, for each way of picking the lengths."""
+    lines = ["", "The default ranking: joint against average, within each run (Δ BLEU, p):", "",
+             "| run | " + " | ".join(f"{lengths}: joint − average" for lengths in ("top_k", "window")) + " |",
+             "|---|---|---|"]
+    for arm in arms:
+        for seed, r in sorted(results[arm].items()):
+            cells = []
+            for lengths in ("top_k", "window"):
+                joint, average = f"{lengths}/joint", f"{lengths}/average"
+                if not all(name in r["translations"] for name in (joint, average)):
+                    cells.append("—")
+                    continue
+                gain = r["systems"][joint]["bleu"] - r["systems"][average]["bleu"]
+                p_value = paired_bootstrap(references, r["translations"][average], r["translations"][joint])
+                cells.append(f"{gain:+.2f} ({p_value:.3f})")
+            lines.append(f"| {arm} seed {seed} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv=None):
