@@ -542,7 +542,7 @@ def test_the_diagnostics_summary_gives_mean_and_std_over_seeds_and_a_p_per_seed_
     wrong = [f"the dog {i} sits" for i in range(40)]
 
     def result(bleu: float, translations: list[str]) -> dict:
-        accuracy = {"exact": 0.25, "within_1": 0.5, "mean_error": -1.0}
+        accuracy = {"exact": 0.25, "within_1": 0.5, "within_2": 0.75, "mean_error": -1.0}
         return {"length_accuracy": accuracy, "length_accuracy_vs_teacher": accuracy,
                 "repetition": {"greedy": {"share_of_repeats_by_quarter": [0, 0, 0.5, 0.5],
                                           "sentences_with_a_repeat": 0.7}},
@@ -567,6 +567,7 @@ def test_the_diagnostics_summary_gives_mean_and_std_over_seeds_and_a_p_per_seed_
     assert float(greedy[2]) <= 0.01 and float(greedy[3]) == 1.0  # seed 1: references vs wrong; seed 2: identical
     assert rows["BLEU (repeated tokens), top_k/partner"][0] == "—"
     assert rows["length accuracy vs the reference: exact (%)"][:2] == ["25.0 ± 0.0", "25.0 ± 0.0"]
+    assert rows["length accuracy vs the reference: within 2 (%)"][:2] == ["75.0 ± 0.0", "75.0 ± 0.0"]
     short, long = (rows[f"greedy BLEU, references of {name} words ({count} sentences)"]
                    for name, count in (("0-10", 30), ("20-inf", 10)))
     for bucket in short, long:  # seed 1 of the partner arm is the references themselves, seed 2 the wrong outputs

@@ -247,6 +247,7 @@ def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
 SUMMARY_ROWS = (  # (label, what to read from one result): what the issue asks the verdict to show
     ("length accuracy vs the reference: exact (%)", lambda r: 100 * r["length_accuracy"]["exact"]),
     ("length accuracy vs the reference: within 1 (%)", lambda r: 100 * r["length_accuracy"]["within_1"]),
+    ("length accuracy vs the reference: within 2 (%)", lambda r: 100 * r["length_accuracy"]["within_2"]),
     ("length error vs the reference (tokens)", lambda r: r["length_accuracy"]["mean_error"]),
     ("length accuracy vs the teacher: exact (%)", lambda r: 100 * r["length_accuracy_vs_teacher"]["exact"]),
     ("length accuracy vs the teacher: within 1 (%)", lambda r: 100 * r["length_accuracy_vs_teacher"]["within_1"]),
